@@ -1,0 +1,25 @@
+"""fxpress's IR: the ATen-level torch.fx GraphModule torch.export gives, and the tools to edit it."""
+
+from .capture import CaptureError, capture, dynamic_shapes_of, normalize_inputs
+from .report import PassReport
+from .rewrite import Const, Lit, Match, Op, RewriteRule, Var, apply_rules
+from .verify import VerificationError, compare_outputs, refresh_meta, verify_graph
+
+__all__ = [
+    "CaptureError",
+    "capture",
+    "dynamic_shapes_of",
+    "normalize_inputs",
+    "PassReport",
+    "Const",
+    "Lit",
+    "Match",
+    "Op",
+    "RewriteRule",
+    "Var",
+    "apply_rules",
+    "VerificationError",
+    "compare_outputs",
+    "refresh_meta",
+    "verify_graph",
+]
