@@ -5,9 +5,13 @@ the result through ``torch.compile(backend="fxpress")`` or to ONNX for onnxrunti
 """
 
 from .ir import CaptureError, PassReport, VerificationError, capture
+from .backends.compile_backend import compile_reports
+from .backends.compile_backend import register as _register_backend
 from .passes import Pass, PassError, PassManager, PassResult, PipelineReport, available_passes, register_pass
 
 __version__ = "0.1.0"
+
+_register_backend()
 
 __all__ = [
     "CaptureError",
@@ -20,5 +24,6 @@ __all__ = [
     "VerificationError",
     "available_passes",
     "capture",
+    "compile_reports",
     "register_pass",
 ]

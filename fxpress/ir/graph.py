@@ -11,7 +11,6 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 __all__ = [
@@ -64,9 +63,12 @@ def set_attr_value(gm: torch.nn.Module, target: str, value: torch.Tensor, *, par
 
 def fake_mode_of(gm: fx.GraphModule) -> FakeTensorMode:
     """The FakeTensorMode the graph's ``meta["val"]`` live in (a new one if the graph has none)."""
-    vals = [n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
-    mode = detect_fake_mode(vals)
-    return mode if mode is not None else FakeTensorMode(allow_non_fake_inputs=True)
+    # read the mode off the values: detect_fake_mode would prefer an ambient Dynamo tracing context
+    for node in gm.graph.nodes:
+        mode = getattr(node.meta.get("val"), "fake_mode", None)
+        if mode is not None:
+            return mode
+    return FakeTensorMode(allow_non_fake_inputs=True)
 
 
 def fake_value(gm: fx.GraphModule, tensor: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,310 @@
+"""The ``torch.compile`` backend ``"fxpress"``: Dynamo graph → fxpress IR → passes → a target.
+
+Usage::
+
+    torch.compile(model, backend="fxpress")                                         # passes + inductor
+    torch.compile(model, backend="fxpress", options={"target": "onnxruntime"})      # passes + onnxruntime
+    torch.compile(model, backend="fxpress", options={"passes": ["fold-batch-norm"], "target": "eager"})
+
+How a Dynamo subgraph is handled (once per subgraph; graph breaks give several):
+
+1. Dynamo lifts parameters and buffers to graph inputs. They are *frozen*: turned back into
+   constants of the graph (like inductor's ``freezing``), because compression passes rewrite
+   weights. Recompile after changing weights in place.
+2. Dynamo's SymInt inputs (sizes, under dynamic shapes) are re-derived from the tensor inputs, and
+   the graph is captured with ``torch.export`` into the same ATen IR as ``fxpress.capture``, keeping
+   the dimensions Dynamo made dynamic.
+3. The configured passes run (``options["passes"]``; safe exact passes by default).
+4. The target runs it: ``"inductor"`` (default), ``"onnxruntime"`` (exported to ONNX and run in an
+   ``InferenceSession``, torch tensors in and out) or ``"eager"``.
+
+Passes need an inference graph: where autograd must flow (grad mode on and parameters requiring
+grad) the subgraph goes to the target unchanged, with one warning saying so, as inductor does with
+freezing. A subgraph that cannot be lowered falls back the same way with one warning naming the
+cause; ``options={"fallback": "raise"}`` turns that into an error for debugging.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import re
+import warnings
+from collections import deque
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch.export import Dim
+
+from ..ir.capture import capture
+from ..ir.graph import set_attr_value
+from ..passes import PassManager, PipelineReport
+
+__all__ = ["fxpress_backend", "BackendOptions", "compile_reports", "register", "DEFAULT_PASSES", "TARGETS"]
+
+log = logging.getLogger("fxpress")
+
+DEFAULT_PASSES: tuple[str, ...] = ("fold-constants", "fold-batch-norm", "eliminate-dead-code")
+TARGETS = ("inductor", "onnxruntime", "eager")
+FALLBACKS = ("warn", "raise")
+
+_reports: deque = deque(maxlen=64)
+_warned: set[str] = set()
+
+
+def compile_reports() -> list[PipelineReport]:
+    """Pipeline reports of the subgraphs the backend compiled most recently (oldest first)."""
+    return list(_reports)
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Options accepted through ``torch.compile(..., options={...})``.
+
+    passes: pass names / ``(name, options)`` pairs / Pass instances to run on each subgraph.
+    target: ``"inductor"``, ``"onnxruntime"`` or ``"eager"``.
+    verify: check the IR invariants after every pass (slower compiles; on in tests).
+    dump_dir: write each subgraph's code after every pass to this directory.
+    ort_threads: onnxruntime intra-op threads (default: onnxruntime's choice).
+    fallback: what to do with a subgraph that cannot be lowered: ``"warn"`` (run it unchanged on the
+        target, or eagerly for onnxruntime, with one warning) or ``"raise"``.
+    """
+
+    passes: tuple = DEFAULT_PASSES
+    target: str = "inductor"
+    verify: bool = False
+    dump_dir: str | None = None
+    ort_threads: int | None = None
+    fallback: str = "warn"
+    inductor_mode: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def parse(cls, options: dict | None, mode: str | None = None) -> "BackendOptions":
+        options = dict(options or {})
+        known = [f.name for f in fields(cls) if f.name != "inductor_mode"]
+        for key in options:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown fxpress backend option {key!r}.{hint} Known options: {', '.join(known)}.")
+        if "passes" in options:
+            passes = options["passes"]
+            if isinstance(passes, str) or not isinstance(passes, Sequence):
+                raise TypeError(f"options['passes'] must be a list of pass names, got {passes!r}")
+            options["passes"] = tuple(passes)
+        target = options.get("target", "inductor")
+        if target not in TARGETS:
+            raise ValueError(f"unknown fxpress target {target!r}; choose one of {', '.join(TARGETS)}.")
+        if options.get("fallback", "warn") not in FALLBACKS:
+            raise ValueError(f"options['fallback'] must be one of {FALLBACKS}, got {options['fallback']!r}")
+        threads = options.get("ort_threads")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"options['ort_threads'] must be a positive int, got {threads!r}")
+        return cls(**options, inductor_mode=mode)
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(message, stacklevel=3)
+
+
+def fxpress_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | None = None, mode: str | None = None):
+    """A Dynamo backend: ``(GraphModule, example_inputs) -> callable`` (see the module docstring)."""
+    from ..passes import get_pass
+
+    opts = BackendOptions.parse(options, mode)
+    for spec in opts.passes:  # fail fast on unknown pass names, before any tracing
+        get_pass(spec[0], **spec[1]) if isinstance(spec, tuple) else get_pass(spec)
+
+    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
+        _warn_once(
+            "grad",
+            "fxpress: this graph needs gradients (grad mode is on and parameters require grad), so it runs "
+            f"without fxpress passes on {opts.target}. For inference, call the compiled model under "
+            "torch.no_grad() or torch.inference_mode().",
+        )
+        return _unchanged(gm, example_inputs, opts)
+
+    try:
+        lowered = lower_dynamo_graph(gm, example_inputs)
+        aten_gm, report = PassManager(list(opts.passes), verify=opts.verify, dump_dir=opts.dump_dir).run(
+            lowered.gm, lowered.inputs if opts.verify else None
+        )
+        runner = _build_target(aten_gm, lowered.inputs, opts)
+    except Exception as exc:
+        if opts.fallback == "raise":
+            raise
+        _warn_once(
+            f"lower:{type(exc).__name__}:{str(exc)[:80]}",
+            f"fxpress: a subgraph could not be lowered ({type(exc).__name__}: {_short(exc)}); it runs unchanged "
+            f"on {'eager' if opts.target == 'onnxruntime' else opts.target} instead. "
+            'Pass options={"fallback": "raise"} to see the full error.',
+        )
+        return _unchanged(gm, example_inputs, opts)
+    _reports.append(report)
+    log.info("fxpress compiled a subgraph for %s:\n%s", opts.target, report)
+    keep = lowered.input_indices
+
+    def compiled(*args):
+        return runner(*[args[i] for i in keep])
+
+    compiled.fxpress_report = report  # type: ignore[attr-defined]
+    return compiled
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else "")[:300]
+
+
+def _unchanged(gm: fx.GraphModule, example_inputs: list, opts: BackendOptions) -> Callable:
+    if opts.target == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+    return gm.forward
+
+
+def _build_target(aten_gm: fx.GraphModule, inputs: tuple, opts: BackendOptions) -> Callable:
+    if opts.target == "eager":
+        return aten_gm
+    if opts.target == "inductor":
+        return torch.compile(aten_gm, backend="inductor", mode=opts.inductor_mode)
+    from .onnx_export import export_onnx
+
+    result = export_onnx(aten_gm, inputs, path=None, check=opts.verify)
+    session = result.session(intra_op_threads=opts.ort_threads)
+
+    def run_onnxruntime(*args):
+        out = session(*args)
+        return out if isinstance(out, tuple) else (out,)
+
+    return run_onnxruntime
+
+
+# ---------------------------------------------------------------------------------------------
+# Dynamo graph → fxpress IR
+
+
+@dataclass
+class LoweredGraph:
+    gm: fx.GraphModule  # the ATen-level graph, parameters as constants
+    inputs: tuple  # the real tensor inputs it takes
+    input_indices: list[int]  # where those inputs sit among Dynamo's example_inputs
+
+
+_PARAM_SOURCE = re.compile(r"_(?:modules|parameters|buffers)\['([^']+)'\]")
+
+
+def _frozen_name(source_name: str, index: int) -> str:
+    parts = _PARAM_SOURCE.findall(source_name)
+    name = ".".join(p.replace(".", "_") for p in parts) if parts else ""
+    return name or f"_frozen.input_{index}"
+
+
+def _source_name(node: fx.Node) -> str:
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    name = getattr(source, "name", "")
+    return name() if callable(name) else (name or "")
+
+
+def _is_weight(node: fx.Node, value: Any) -> bool:
+    if isinstance(value, torch.nn.Parameter):
+        return True
+    name = _source_name(node)
+    return "_buffers[" in name or "_parameters[" in name
+
+
+def _mutated(node: fx.Node) -> bool:
+    for user in node.users:
+        target = user.target
+        name = target if isinstance(target, str) else getattr(target, "__name__", "")
+        if name.endswith("_") and not name.endswith("__") and user.args and user.args[0] is node:
+            return True
+    return False
+
+
+def lower_dynamo_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> LoweredGraph:
+    """Freeze weights, re-derive size inputs, and capture a Dynamo subgraph as fxpress IR."""
+    graph = fx.Graph()
+    value_map: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, value_map)
+    graph.output(out)
+    root = torch.nn.Module()
+    for name, buf in gm.named_buffers():
+        set_attr_value(root, name, buf, parameter=False)
+    for name, param in gm.named_parameters():
+        set_attr_value(root, name, param, parameter=True)
+
+    placeholders = [value_map[n] for n in gm.graph.find_nodes(op="placeholder")]
+    tensor_inputs: list[torch.Tensor] = []
+    indices: list[int] = []
+    dynamic: list[dict | None] = []
+    sizes: list[tuple[int, fx.Node]] = []
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        if isinstance(value, torch.Tensor) and _is_weight(node, value) and not _mutated(node):
+            target = _frozen_name(_source_name(node), i)
+            set_attr_value(root, target, value, parameter=isinstance(value, torch.nn.Parameter))
+            with graph.inserting_before(node):
+                const = graph.get_attr(target)
+            node.replace_all_uses_with(const)
+            graph.erase_node(node)
+        elif isinstance(value, torch.Tensor):
+            tensor_inputs.append(value)
+            indices.append(i)
+            example = node.meta.get("example_value")
+            shape = example.shape if isinstance(example, torch.Tensor) else value.shape
+            dims = {d: Dim.DYNAMIC for d, s in enumerate(shape) if isinstance(s, torch.SymInt)}
+            dynamic.append(dims or None)
+        elif isinstance(value, (int, torch.SymInt)):
+            sizes.append((i, node))
+        else:
+            raise TypeError(f"Dynamo graph input {node.name} is a {type(value).__name__}; only tensors and sizes are supported")
+
+    tensor_nodes = [n for n in graph.find_nodes(op="placeholder") if n not in {s for _, s in sizes}]
+    for i, node in sizes:
+        _replace_size_input(graph, node, tensor_nodes)
+
+    new_gm = fx.GraphModule(root, graph)
+    new_gm.eval()
+    dynamic_shapes = tuple(dynamic) if any(d is not None for d in dynamic) else None
+    # a fresh tracing context: the export must not add guards to the shape env Dynamo is building
+    with torch._guards.tracing(None):
+        aten_gm = capture(new_gm, tuple(tensor_inputs), dynamic_batch=False, dynamic_shapes=dynamic_shapes)
+    return LoweredGraph(aten_gm, tuple(tensor_inputs), indices)
+
+
+def _replace_size_input(graph: fx.Graph, node: fx.Node, tensor_nodes: list[fx.Node]) -> None:
+    """Replace a SymInt graph input by ``aten.sym_size(x, d)`` of the tensor input it measures."""
+    symbol = node.meta.get("example_value")
+    for tensor in tensor_nodes:
+        example = tensor.meta.get("example_value")
+        if not isinstance(example, torch.Tensor):
+            continue
+        for d, s in enumerate(example.shape):
+            if isinstance(s, torch.SymInt) and str(s) == str(symbol):
+                with graph.inserting_after(tensor):
+                    size = graph.call_function(torch.ops.aten.sym_size.int, (tensor, d))
+                node.replace_all_uses_with(size)
+                graph.erase_node(node)
+                return
+    raise TypeError(f"size input {node.name} ({symbol}) is not the size of any tensor input")
+
+
+def register() -> None:
+    """Make ``backend="fxpress"`` resolvable in this process.
+
+    When fxpress is installed, the entry point (group ``torch_dynamo_backends``) already makes the
+    name resolvable in a fresh process; registering it here too would clash, so it is skipped.
+    """
+    from torch._dynamo.backends import registry
+
+    registry._discover_entrypoint_backends()
+    if "fxpress" in registry._BACKENDS and registry._BACKENDS["fxpress"] is not None:
+        return
+    if "fxpress" not in registry._COMPILER_FNS:
+        registry.register_backend(fxpress_backend, name="fxpress")
