@@ -4,6 +4,7 @@ Capture a model as an ATen-level torch.fx graph, run composable rewrite passes o
 the result through ``torch.compile(backend="fxpress")`` or to ONNX for onnxruntime.
 """
 
+from .backends import export_onnx
 from .ir import CaptureError, PassReport, VerificationError, capture
 from .backends.compile_backend import compile_reports
 from .backends.compile_backend import register as _register_backend
@@ -24,6 +25,7 @@ __all__ = [
     "VerificationError",
     "available_passes",
     "capture",
+    "export_onnx",
     "compile_reports",
     "register_pass",
 ]

@@ -8,9 +8,10 @@ Usage::
 
 How a Dynamo subgraph is handled (once per subgraph; graph breaks give several):
 
-1. Dynamo lifts parameters and buffers to graph inputs. They are *frozen*: turned back into
-   constants of the graph (like inductor's ``freezing``), because compression passes rewrite
-   weights. Recompile after changing weights in place.
+1. Dynamo lifts parameters and buffers (and, under ``dynamic=True``, float module attributes such
+   as ``eps``) to graph inputs. They are *frozen*: turned back into constants of the graph (like
+   inductor's ``freezing``), because compression passes rewrite weights. Recompile after changing
+   weights in place.
 2. Dynamo's SymInt inputs (sizes, under dynamic shapes) are re-derived from the tensor inputs, and
    the graph is captured with ``torch.export`` into the same ATen IR as ``fxpress.capture``, keeping
    the dimensions Dynamo made dynamic.
@@ -130,11 +131,13 @@ def fxpress_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict |
         return _unchanged(gm, example_inputs, opts)
 
     try:
-        lowered = lower_dynamo_graph(gm, example_inputs)
-        aten_gm, report = PassManager(list(opts.passes), verify=opts.verify, dump_dir=opts.dump_dir).run(
-            lowered.gm, lowered.inputs if opts.verify else None
-        )
-        runner = _build_target(aten_gm, lowered.inputs, opts)
+        # a fresh tracing context: our exports must not add guards to the shape env Dynamo is building
+        with torch._guards.tracing(None):
+            lowered = lower_dynamo_graph(gm, example_inputs)
+            aten_gm, report = PassManager(list(opts.passes), verify=opts.verify, dump_dir=opts.dump_dir).run(
+                lowered.gm, lowered.inputs if opts.verify else None
+            )
+            runner = _build_target(aten_gm, lowered.inputs, opts)
     except Exception as exc:
         if opts.fallback == "raise":
             raise
@@ -197,13 +200,26 @@ class LoweredGraph:
     input_indices: list[int]  # where those inputs sit among Dynamo's example_inputs
 
 
-_PARAM_SOURCE = re.compile(r"_(?:modules|parameters|buffers)\['([^']+)'\]")
+_SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)|\[(\d+)\]")
 
 
-def _frozen_name(source_name: str, index: int) -> str:
-    parts = _PARAM_SOURCE.findall(source_name)
-    name = ".".join(p.replace(".", "_") for p in parts) if parts else ""
-    return name or f"_frozen.input_{index}"
+def _frozen_name(root: torch.nn.Module, source_name: str, index: int) -> str:
+    """``L['self']._modules['bn']._buffers['running_mean']`` → ``bn.running_mean`` (unique on root)."""
+    path = source_name.removeprefix("L['self']")
+    parts = ["".join(groups).replace(".", "_") for groups in _SOURCE_PART.findall(path)]
+    name = ".".join(parts) if source_name.startswith("L['self']") and parts else ""
+    if not name or _taken(root, name):
+        name = f"_frozen.input_{index}"
+    return name
+
+
+def _taken(root: torch.nn.Module, name: str) -> bool:
+    obj: Any = root
+    for part in name.split("."):
+        if isinstance(obj, torch.Tensor) or not hasattr(obj, part):
+            return isinstance(obj, torch.Tensor)
+        obj = getattr(obj, part)
+    return True
 
 
 def _source_name(node: fx.Node) -> str:
@@ -213,10 +229,14 @@ def _source_name(node: fx.Node) -> str:
 
 
 def _is_weight(node: fx.Node, value: Any) -> bool:
+    """Parameters, buffers, and module attributes Dynamo passes as tensors (eps under dynamic=True)."""
     if isinstance(value, torch.nn.Parameter):
         return True
     name = _source_name(node)
-    return "_buffers[" in name or "_parameters[" in name
+    if "_buffers[" in name or "_parameters[" in name:
+        return True
+    wrapped = getattr(node.meta.get("grapharg"), "pass_arg_as_tensor", False)
+    return bool(wrapped) and (name.startswith("L['self']") or "_modules[" in name)
 
 
 def _mutated(node: fx.Node) -> bool:
@@ -247,7 +267,11 @@ def lower_dynamo_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Low
     sizes: list[tuple[int, fx.Node]] = []
     for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
         if isinstance(value, torch.Tensor) and _is_weight(node, value) and not _mutated(node):
-            target = _frozen_name(_source_name(node), i)
+            _inline_scalar_reads(graph, node, value)
+            if not node.users:
+                graph.erase_node(node)
+                continue
+            target = _frozen_name(root, _source_name(node), i)
             set_attr_value(root, target, value, parameter=isinstance(value, torch.nn.Parameter))
             with graph.inserting_before(node):
                 const = graph.get_attr(target)
@@ -258,7 +282,8 @@ def lower_dynamo_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Low
             indices.append(i)
             example = node.meta.get("example_value")
             shape = example.shape if isinstance(example, torch.Tensor) else value.shape
-            dims = {d: Dim.DYNAMIC for d, s in enumerate(shape) if isinstance(s, torch.SymInt)}
+            # AUTO: dims Dynamo left symbolic stay dynamic unless the graph itself specializes them
+            dims = {d: Dim.AUTO for d, s in enumerate(shape) if isinstance(s, torch.SymInt)}
             dynamic.append(dims or None)
         elif isinstance(value, (int, torch.SymInt)):
             sizes.append((i, node))
@@ -272,10 +297,22 @@ def lower_dynamo_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Low
     new_gm = fx.GraphModule(root, graph)
     new_gm.eval()
     dynamic_shapes = tuple(dynamic) if any(d is not None for d in dynamic) else None
-    # a fresh tracing context: the export must not add guards to the shape env Dynamo is building
-    with torch._guards.tracing(None):
+    with torch._guards.tracing(None):  # keep guards out of the shape env Dynamo is building
         aten_gm = capture(new_gm, tuple(tensor_inputs), dynamic_batch=False, dynamic_shapes=dynamic_shapes)
     return LoweredGraph(aten_gm, tuple(tensor_inputs), indices)
+
+
+def _inline_scalar_reads(graph: fx.Graph, node: fx.Node, value: torch.Tensor) -> None:
+    """Replace ``node.item()`` reads of a frozen 0-d tensor by the Python number itself."""
+    if value.dim() != 0:
+        return
+    for user in list(node.users):
+        if user.op == "call_method" and user.target == "item":
+            number = value.item()
+            for reader in list(user.users):
+                reader.args = fx.node.map_arg(reader.args, lambda a: number if a is user else a)
+                reader.kwargs = fx.node.map_arg(reader.kwargs, lambda a: number if a is user else a)
+            graph.erase_node(user)
 
 
 def _replace_size_input(graph: fx.Graph, node: fx.Node, tensor_nodes: list[fx.Node]) -> None:
