@@ -16,11 +16,14 @@ want="$(cat "$here/pyproject.toml" "$here/constraints.txt" | sha256sum | cut -c1
 if [ ! -x "$venv/bin/python" ]; then
   echo "run.sh: creating $venv (first run installs torch and friends, a few minutes)" >&2
   "$py" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "run.sh: installing fxpress[test] into $venv" >&2
-  "$venv/bin/python" -m pip install -q -c "$here/constraints.txt" -e "$here[test]"
+  log="$venv/.fxpress-install.log"
+  if ! "$venv/bin/python" -m pip install -c "$here/constraints.txt" -e "$here[test]" >"$log" 2>&1; then
+    tail -40 "$log" >&2; echo "run.sh: pip install failed; full log: $log" >&2; exit 1
+  fi
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

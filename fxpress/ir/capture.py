@@ -74,13 +74,13 @@ def _batch_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> 
     def spec(x):
         return {0: Dim.DYNAMIC} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
 
-    if not kwargs:
-        return pytree.tree_map(spec, args)
-    # with keyword inputs torch.export wants the specs keyed by forward()'s parameter names
-    names = list(inspect.signature(model.forward).parameters)
-    specs = {name: pytree.tree_map(spec, a) for name, a in zip(names, args)}
-    specs.update({k: pytree.tree_map(spec, v) for k, v in kwargs.items()})
-    return specs
+    # torch.export matches the specs to forward()'s signature: key them by parameter name, so that
+    # keyword inputs and `forward(self, *xs)` (whose inputs arrive as one tuple) line up too
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return pytree.tree_map(spec, args) if not kwargs else None
+    return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
 
 
 def dynamic_dims(gm: torch.fx.GraphModule) -> list[tuple[int, ...]]:
@@ -119,9 +119,25 @@ def _hint(messages: list[str]) -> str:
     return "simplify forward() around the construct named above, or capture a sub-module that traces."
 
 
+def _fresh(tree: Any) -> Any:
+    """New tensor objects sharing the sample's storage.
+
+    torch.export marks the example tensors' Python objects with its dynamic dims
+    (``_dynamo_dynamic_indices`` ...) and a failed export leaves the marks behind: a static retry
+    on the same objects then fails with the same "Constraints violated", and the user's tensors
+    stay marked. Each attempt therefore gets its own objects.
+    """
+
+    def fresh(x):
+        return x.detach().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
+
+    return pytree.tree_map(fresh, tree)
+
+
 def _export(model, args, kwargs, dynamic_shapes, strict):
     # Size-oblivious reasoning keeps a sample batch of 1 from being specialized to the constant 1.
     ctx = fx_config.patch(backed_size_oblivious=True) if dynamic_shapes is not None else contextlib.nullcontext()
+    args, kwargs = _fresh(args), _fresh(kwargs)
     with ctx, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(training mode|not in eval).*")
         return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
@@ -163,8 +179,10 @@ def capture(
                     errors.append(f"{'strict' if mode else 'non-strict'} export: {_first_line(exc2)}")
                     continue
                 warnings.warn(
-                    f"fxpress.capture: {type(model).__name__} specializes its batch size; captured with static "
-                    f"shapes, so the result only runs on inputs shaped like the sample ({_first_line(exc, 200)})",
+                    f"fxpress.capture: {type(model).__name__} fixes its batch size in forward() (e.g. a reshape to a "
+                    "constant batch), so it was captured with static shapes and the result only runs on inputs "
+                    "shaped like the sample. Make the code batch-agnostic (reshape(x.shape[0], ...) or -1) to get "
+                    "a dynamic batch.",
                     stacklevel=2,
                 )
             else:

@@ -185,6 +185,10 @@ def apply_rules(gm: fx.GraphModule, rules: Sequence[RewriteRule], report: PassRe
         for target in rule.pattern.targets:
             anchors.setdefault(target, []).append(rule)
     rewritten = 0
+    # Refusals are reported at the end, and only for nodes no later match consumed: in a chain
+    # relu(relu(x)) the inner relu is refused as an anchor, then rewritten as part of the outer match.
+    refused: dict[fx.Node, tuple[str, str]] = {}
+    consumed: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
         if node.graph is None or node.op != "call_function" or node.target not in anchors:
             continue
@@ -200,6 +204,7 @@ def apply_rules(gm: fx.GraphModule, rules: Sequence[RewriteRule], report: PassRe
                 reasons.append(reason)
                 continue
             what = rule.describe(m)
+            consumed.update(m.nodes)
             replacement = rule.rewrite(gm, m)
             if replacement is not None and replacement is not node:
                 node.replace_all_uses_with(replacement)
@@ -211,7 +216,10 @@ def apply_rules(gm: fx.GraphModule, rules: Sequence[RewriteRule], report: PassRe
             break
         else:
             if reasons:
-                report.skip(node_label(node), "; ".join(dict.fromkeys(reasons)))
+                refused[node] = (node_label(node), "; ".join(dict.fromkeys(reasons)))
+    for node, (label, why) in refused.items():
+        if node not in consumed:
+            report.skip(label, why)
     if rewritten:
         gm.graph.eliminate_dead_code()
         prune_unused_attributes(gm)

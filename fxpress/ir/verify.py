@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.fx.experimental._config as fx_config
 from torch.utils import _pytree as pytree
 
 from .graph import fake_mode_of, get_attr_value
@@ -51,7 +52,10 @@ def _propagate(gm: fx.GraphModule) -> dict[fx.Node, Any]:
     mode = fake_mode_of(gm)
     prop = _FakeProp(gm, mode)
     placeholders = gm.graph.find_nodes(op="placeholder")
-    prop.run(*[p.meta.get("val") for p in placeholders])
+    # Reason about sizes as capture did: without size-oblivious reasoning a decomposition that
+    # checks `size == 1` would specialize a dynamic batch captured from a sample of 1 to 1.
+    with fx_config.patch(backed_size_oblivious=True):
+        prop.run(*[p.meta.get("val") for p in placeholders])
     return prop.results
 
 
@@ -98,7 +102,11 @@ def verify_graph(gm: fx.GraphModule, *, check_meta: bool = True) -> None:
 
 
 def max_abs_diff(ref: Any, out: Any) -> list[float]:
-    """Max absolute difference per tensor leaf of two output structures."""
+    """Max absolute difference per tensor leaf of two output structures.
+
+    NaN in both at the same place counts as equal; a NaN (or inf) in only one of them is an
+    infinite difference, so a pass that starts producing NaNs can never pass a tolerance check.
+    """
     ref_leaves = [x for x in pytree.tree_leaves(ref) if isinstance(x, torch.Tensor)]
     out_leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
     if len(ref_leaves) != len(out_leaves):
@@ -107,7 +115,14 @@ def max_abs_diff(ref: Any, out: Any) -> list[float]:
     for i, (a, b) in enumerate(zip(ref_leaves, out_leaves)):
         if a.shape != b.shape:
             raise VerificationError(f"output {i} changed shape: {tuple(a.shape)} → {tuple(b.shape)}")
-        diffs.append((a.double() - b.double()).abs().max().item() if a.numel() else 0.0)
+        if not a.numel():
+            diffs.append(0.0)
+            continue
+        a64, b64 = a.double(), b.double()
+        diff = (a64 - b64).abs()
+        same_special = (a64.isnan() & b64.isnan()) | (a64.isinf() & (a64 == b64))
+        diff = torch.where(same_special, torch.zeros_like(diff), diff.nan_to_num(nan=float("inf")))
+        diffs.append(diff.max().item())
     return diffs
 
 
@@ -117,7 +132,8 @@ def compare_outputs(ref: Any, out: Any, *, atol: float, rtol: float, what: str) 
     out_leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
     diffs = max_abs_diff(ref, out)
     for i, (a, b, d) in enumerate(zip(ref_leaves, out_leaves, diffs)):
-        bound = atol + rtol * a.double().abs().max().item()
+        finite = a.double().abs().nan_to_num(nan=0.0, posinf=0.0)
+        bound = atol + rtol * (finite.max().item() if finite.numel() else 0.0)
         if d > bound:
             raise VerificationError(
                 f"{what}: output {i} differs by up to {d:.3g} (allowed {bound:.3g} = atol {atol:g} + rtol {rtol:g} * max|ref|)"

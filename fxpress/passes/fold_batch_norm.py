@@ -12,7 +12,9 @@ After::
 
 Also for ``aten.linear`` (2-D outputs, where batch norm's channel dim is the feature dim),
 ``aten.conv_transpose{1,2,3}d`` (W is [in, out/groups, k...]: s is applied per output channel of
-each group) and the ``_native_batch_norm_legit_no_training`` form. Missing gamma/beta/bias count as
+each group), and the decomposed forms (``aten.convolution`` with its ``transposed`` flag, and
+``_native_batch_norm_legit_no_training`` read through ``getitem(·, 0)``) that ``run_decompositions``
+and aot_autograd give. Missing gamma/beta/bias count as
 1/0/0.
 
 Preconditions (each refusal is reported): the graph was captured in eval mode (batch norm's
@@ -39,9 +41,12 @@ aten = torch.ops.aten
 
 CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding}
 CONV_TRANSPOSES = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
+# the decomposed form (run_decompositions, aot_autograd): one op for both, with a `transposed` flag
+CONVOLUTION = {aten.convolution.default}
 LINEARS = {aten.linear.default}
-PRODUCERS = CONVS | CONV_TRANSPOSES | LINEARS
+PRODUCERS = CONVS | CONV_TRANSPOSES | CONVOLUTION | LINEARS
 GROUPS_ARG = 6  # position of `groups` in aten.conv*d and aten.conv_transpose*d
+CONVOLUTION_TRANSPOSED_ARG, CONVOLUTION_GROUPS_ARG = 6, 8  # in aten.convolution
 
 
 def _producer() -> Op:
@@ -52,12 +57,16 @@ class _FoldIntoProducer(RewriteRule):
     name = "folded"
 
     def check(self, gm: fx.GraphModule, m: Match) -> str | None:
-        if m.get("training", False) is not False:
-            return "batch norm is in training mode (the model was captured in train()); capture model.eval() to fold"
+        # Statistics first: a BatchNorm with track_running_stats=False is called with training=True
+        # even in eval(), and "captured in train()" would send the user the wrong way.
         for stat in ("mean", "var"):
             node = m[stat]
-            if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+            if node is None:
                 return "batch norm has no running statistics (track_running_stats=False); it normalizes by batch statistics"
+            if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+                return f"batch norm's running {stat} is not a constant tensor"
+        if m.get("training", False) is not False:
+            return "batch norm is in training mode (the model was captured in train()); capture model.eval() to fold"
         producer = m["producer"]
         if producer.target in LINEARS:
             val = producer.meta.get("val")
@@ -98,17 +107,30 @@ def _value_or(gm, node, default: torch.Tensor) -> torch.Tensor:
 
 
 def _out_channels(producer: fx.Node, weight: torch.Tensor) -> int:
-    if producer.target in CONV_TRANSPOSES:
+    if _transposed(producer):
         return weight.shape[1] * _groups(producer)
     return weight.shape[0]
 
 
+def _arg(producer: fx.Node, index: int, name: str, default):
+    if len(producer.args) > index:
+        return producer.args[index]
+    return producer.kwargs.get(name, default)
+
+
+def _transposed(producer: fx.Node) -> bool:
+    if producer.target in CONVOLUTION:
+        return bool(_arg(producer, CONVOLUTION_TRANSPOSED_ARG, "transposed", False))
+    return producer.target in CONV_TRANSPOSES
+
+
 def _groups(producer: fx.Node) -> int:
-    return int(producer.args[GROUPS_ARG]) if len(producer.args) > GROUPS_ARG else 1
+    index = CONVOLUTION_GROUPS_ARG if producer.target in CONVOLUTION else GROUPS_ARG
+    return int(_arg(producer, index, "groups", 1))
 
 
 def _scale_weight(producer: fx.Node, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    if producer.target in CONV_TRANSPOSES:
+    if _transposed(producer):
         groups = _groups(producer)
         in_ch, out_per_group = weight.shape[:2]
         w = weight.reshape(groups, in_ch // groups, out_per_group, *weight.shape[2:])

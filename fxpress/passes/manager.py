@@ -2,7 +2,9 @@
 
 Ordering: the given order, adjusted by each pass's ``run_after``/``run_before`` and by explicit
 ``constraints=[("a", "b"), ...]`` ("a before b"), solved as a networkx DAG (a cycle is an error
-that names it). Among unconstrained passes the given order is kept.
+that names it). The given order is kept except where a constraint moves a pass: a pass's required
+predecessors are pulled in just before it, so ``[fold-batch-norm, eliminate-dead-code,
+fold-constants]`` runs as ``[fold-constants, fold-batch-norm, eliminate-dead-code]``.
 
 Verification (on by default) after every pass: graph lint, ``meta["val"]`` present and consistent,
 and for passes that claim exactness, outputs on the sample inputs within the pass's tolerance of the
@@ -154,8 +156,16 @@ class PassManager:
 
     @staticmethod
     def _outputs(gm: fx.GraphModule, inputs: tuple) -> Any:
-        with torch.no_grad():
-            return gm(*inputs)
+        # A graph may update state when run (train-mode batch-norm statistics, counters): checking
+        # a pass must not change the model, so buffers are restored after the sample run.
+        saved = [(b, b.clone()) for b in gm.buffers()]
+        try:
+            with torch.no_grad():
+                return gm(*inputs)
+        finally:
+            with torch.no_grad():
+                for b, copy in saved:
+                    b.copy_(copy)
 
     def _check(self, p: Pass, gm, inputs, reference, before) -> None:
         try:
@@ -202,9 +212,24 @@ def _order(passes: list[Pass], constraints: Sequence[tuple[str, str]]) -> list[P
             for j in index.get(b, []):
                 if i != j:
                     dag.add_edge(i, j)
-    try:
-        order = list(nx.lexicographical_topological_sort(dag))
-    except nx.NetworkXUnfeasible:
-        cycle = " -> ".join(names[i] for i, _ in nx.find_cycle(dag))
-        raise ValueError(f"pass ordering constraints form a cycle: {cycle}") from None
+    if not nx.is_directed_acyclic_graph(dag):
+        edges_in_cycle = nx.find_cycle(dag)
+        cycle = " -> ".join([names[i] for i, _ in edges_in_cycle] + [names[edges_in_cycle[0][0]]])
+        raise ValueError(f"pass ordering constraints form a cycle: {cycle}")
+    # Stable order: walk the passes as given and pull each one's required predecessors in just
+    # before it. (A plain lexicographic topological sort would let an unconstrained pass given
+    # last, typically a clean-up like eliminate-dead-code, jump ahead of a constrained one.)
+    order: list[int] = []
+    placed: set[int] = set()
+
+    def place(i: int) -> None:
+        if i in placed:
+            return
+        placed.add(i)
+        for j in sorted(dag.predecessors(i)):
+            place(j)
+        order.append(i)
+
+    for i in range(len(passes)):
+        place(i)
     return [passes[i] for i in order]

@@ -1,0 +1,166 @@
+"""The embedded default: a small CNN trained in seconds on scikit-learn's bundled digits data.
+
+``fxpress demo`` trains it, compresses it with the pipeline that exists, exports ONNX, checks the
+accuracy of every form on the held-out digits, and prints a table of accuracy, size and latency.
+Nothing is downloaded: ``sklearn.datasets.load_digits`` ships its 1,797 8x8 images inside the
+package.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["DigitsCNN", "load_digits_tensors", "train_digits_cnn", "accuracy", "latency_ms", "run_demo", "DemoRow"]
+
+
+class DigitsCNN(nn.Module):
+    """conv-BN-ReLU ×3 with a residual, global pooling and a linear head; ~25k parameters."""
+
+    def __init__(self, width: int = 32, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.block = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+        )
+        self.down = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU())
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.block(x))
+        x = self.down(x)
+        return self.head(x.mean((2, 3)))
+
+
+def load_digits_tensors(seed: int = 0, test_fraction: float = 0.2):
+    """(x_train, y_train, x_test, y_test): 1x8x8 float images scaled to [0, 1], int64 labels."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("the digits demo needs scikit-learn: pip install 'fxpress[demo]'") from exc
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target, dtype=torch.int64)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_test = int(len(x) * test_fraction)
+    test, train = perm[:n_test], perm[n_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+def train_digits_cnn(epochs: int = 8, seed: int = 0, progress: bool = True) -> tuple[DigitsCNN, tuple]:
+    """Train DigitsCNN; return (model in eval mode, (x_train, y_train, x_test, y_test))."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    data = load_digits_tensors(seed)
+    x_train, y_train = data[0], data[1]
+    model = DigitsCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    bar = tqdm(range(epochs), desc="training DigitsCNN", disable=not progress, leave=False)
+    for _ in bar:
+        model.train()
+        order = torch.randperm(len(x_train))
+        for i in range(0, len(order), 64):
+            idx = order[i : i + 64]
+            loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval(), data
+
+
+def accuracy(fn: Callable, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (fn(x).argmax(1) == y).float().mean().item() * 100
+
+
+def latency_ms(fn: Callable, x: torch.Tensor, repeat: int = 200) -> float:
+    """Median wall time of one call, after warm-up."""
+    with torch.no_grad():
+        for _ in range(10):
+            fn(x)
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2] * 1000
+
+
+@dataclass
+class DemoRow:
+    form: str
+    accuracy: float
+    size_kb: float
+    latency_ms: float
+    notes: str = ""
+
+
+@dataclass
+class DemoResult:
+    rows: list[DemoRow] = field(default_factory=list)
+    pipeline_report: object = None
+    onnx_path: Path | None = None
+
+    def table(self) -> str:
+        head = ("form", "accuracy %", "size KB", "latency ms (batch 1)", "notes")
+        body = [(r.form, f"{r.accuracy:.2f}", f"{r.size_kb:.1f}", f"{r.latency_ms:.3f}", r.notes) for r in self.rows]
+        widths = [max(len(str(row[i])) for row in [head, *body]) for i in range(len(head))]
+        fmt = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+        return "\n".join([fmt(head), "  ".join("-" * w for w in widths), *map(fmt, body)])
+
+
+def _param_kb(module: nn.Module) -> float:
+    tensors = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / 1024
+
+
+def run_demo(out_dir: str | Path = "fxpress-demo", epochs: int = 8, with_compile: bool = False, progress: bool = True) -> DemoResult:
+    """Train, compress, export and measure; write ``model.onnx`` and ``report.txt`` to ``out_dir``."""
+    from . import PassManager, capture, export_onnx
+    from .backends.compile_backend import DEFAULT_PASSES
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; give a directory for the demo's outputs")
+    out.mkdir(parents=True, exist_ok=True)
+    model, (_, _, x_test, y_test) = train_digits_cnn(epochs=epochs, progress=progress)
+    sample = x_test[:1]
+    result = DemoResult()
+    result.rows.append(DemoRow("eager fp32", accuracy(model, x_test, y_test), _param_kb(model), latency_ms(model, sample)))
+
+    gm = capture(model, (sample,))
+    gm, report = PassManager(list(DEFAULT_PASSES), verify=True).run(gm, (sample,))
+    result.pipeline_report = report
+    result.rows.append(
+        DemoRow("fxpress graph", accuracy(gm, x_test, y_test), _param_kb(gm), latency_ms(gm, sample), report["fold-batch-norm"].summary())
+    )
+
+    exported = export_onnx(gm, (sample,), out / "model.onnx")
+    session = exported.session(intra_op_threads=2)
+    result.onnx_path = exported.path
+    result.rows.append(
+        DemoRow(
+            "onnxruntime",
+            accuracy(session, x_test, y_test),
+            exported.path.stat().st_size / 1024,
+            latency_ms(session, sample),
+            f"opset {exported.opset}, max |diff| {max(exported.max_abs_diff):.1e}",
+        )
+    )
+    if with_compile:
+        compiled = torch.compile(model, backend="fxpress")
+        result.rows.append(DemoRow("torch.compile fxpress", accuracy(compiled, x_test, y_test), _param_kb(gm), latency_ms(compiled, sample)))
+
+    text = f"{result.table()}\n\n{report}\n"
+    (out / "report.txt").write_text(text)
+    return result
