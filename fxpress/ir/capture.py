@@ -187,6 +187,8 @@ def capture(
                 )
             else:
                 errors.append(f"{'strict' if mode else 'non-strict'} export: {_first_line(exc)}")
+                if not errors[1:]:
+                    _raise_if_eager_fails(model, args, kwargs)
                 continue
         return _finish(ep, model)
     raise CaptureError(
@@ -194,6 +196,27 @@ def capture(
         + "\n  ".join(errors)
         + f"\nHow to fix: {_hint(errors)}"
     )
+
+
+def _describe_inputs(args: tuple, kwargs: dict) -> str:
+    def one(x):
+        return f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+    parts = [one(a) for a in pytree.tree_leaves(args)] + [f"{k}={one(v)}" for k, v in kwargs.items()]
+    return ", ".join(parts)
+
+
+def _raise_if_eager_fails(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """When tracing fails, tell apart a model that fails on these inputs even in eager mode."""
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise CaptureError(
+            f"{type(model).__name__} fails on the example inputs even without tracing: {_first_line(exc, 300)}\n"
+            f"Example inputs: {_describe_inputs(args, kwargs)}.\n"
+            "How to fix: pass example inputs with the shapes and dtypes forward() expects."
+        ) from exc
 
 
 def _is_dynamic_failure(exc: BaseException) -> bool:

@@ -179,3 +179,21 @@ def test_tiny_bert_captures_with_dynamic_batch():
         out = gm(ids)
         torch.testing.assert_close(out, model(ids), atol=1e-5, rtol=1e-5)
     assert out.shape == (5, args[0].shape[1], 64)
+
+
+@pytest.mark.parametrize(
+    "x, words",
+    [
+        (torch.randn(1, 4, 8, 8), "expected input"),
+        (torch.randn(1, 3, 9, 9), "cannot be multiplied"),
+        (torch.randn(1, 3, 8, 8, dtype=torch.float64), "double"),
+    ],
+)
+def test_inputs_of_the_wrong_shape_or_dtype_say_so(x, words):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4)).eval()
+    with pytest.raises(fxpress.CaptureError) as info:
+        fxpress.capture(model, (x,))
+    message = str(info.value)
+    assert "fails on the example inputs even without tracing" in message
+    assert words in message
+    assert f"{tuple(x.shape)}" in message and "shapes and dtypes forward() expects" in message
