@@ -4,11 +4,13 @@ Capture a model as an ATen-level torch.fx graph, run composable rewrite passes o
 the result through ``torch.compile(backend="fxpress")`` or to ONNX for onnxruntime.
 """
 
+from .api import QuantReport, calibrate, convert, prepare, quant_report, quantize
 from .backends import export_onnx
-from .ir import CaptureError, PassReport, VerificationError, capture
 from .backends.compile_backend import compile_reports
 from .backends.compile_backend import register as _register_backend
+from .ir import CaptureError, PassReport, VerificationError, capture
 from .passes import Pass, PassError, PassManager, PassResult, PipelineReport, available_passes, register_pass
+from .passes.quant import OpQuant, QuantConfig, TensorSpec
 
 __version__ = "0.1.0"
 
@@ -16,16 +18,25 @@ _register_backend()
 
 __all__ = [
     "CaptureError",
+    "OpQuant",
     "Pass",
     "PassError",
     "PassManager",
     "PassReport",
     "PassResult",
     "PipelineReport",
+    "QuantConfig",
+    "QuantReport",
+    "TensorSpec",
     "VerificationError",
     "available_passes",
+    "calibrate",
     "capture",
-    "export_onnx",
     "compile_reports",
+    "convert",
+    "export_onnx",
+    "prepare",
+    "quant_report",
+    "quantize",
     "register_pass",
 ]

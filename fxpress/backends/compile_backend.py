@@ -176,7 +176,12 @@ def _build_target(aten_gm: fx.GraphModule, inputs: tuple, opts: BackendOptions) 
     if opts.target == "eager":
         return aten_gm
     if opts.target == "inductor":
-        return torch.compile(aten_gm, backend="inductor", mode=opts.inductor_mode)
+        # inductor lowers Q/DQ patterns to int8 kernels only with freezing (weights as constants)
+        # (torch.compile takes a mode or options, not both; a mode the user asked for wins)
+        if opts.inductor_mode is not None:
+            return torch.compile(aten_gm, backend="inductor", mode=opts.inductor_mode)
+        options = {"freezing": True} if _has_qdq(aten_gm) else None
+        return torch.compile(aten_gm, backend="inductor", options=options)
     from .onnx_export import export_onnx
 
     result = export_onnx(aten_gm, inputs, path=None, check=opts.verify)
@@ -187,6 +192,10 @@ def _build_target(aten_gm: fx.GraphModule, inputs: tuple, opts: BackendOptions) 
         return out if isinstance(out, tuple) else (out,)
 
     return run_onnxruntime
+
+
+def _has_qdq(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and getattr(n.target, "namespace", None) == "quantized_decomposed" for n in gm.graph.nodes)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -141,6 +141,7 @@ def export_onnx(
             f"{' ...' if len(training) > 5 else ''} in training mode (batch statistics / random dropout), which "
             "ONNX inference cannot reproduce. Call model.eval() before fxpress.capture (or export)."
         )
+    gm = _lower_quantized(gm)
     opset = _choose_opset(gm, opset)
     program, shapes = _to_onnx_program(gm, args, shapes, auto, opset, optimize)
 
@@ -186,6 +187,26 @@ def export_onnx(
             raise OnnxExportError(f"onnxruntime could not load the exported model ({where}): {_first_line(exc, 1200)}") from exc
         result.max_abs_diff = _check_parity(gm, session, args, atol=atol, rtol=rtol, where=where)
     return result
+
+
+def _lower_quantized(gm: fx.GraphModule) -> fx.GraphModule:
+    """For graphs with Q/DQ: a copy with int32 biases, the layout onnxruntime fuses into int8 kernels.
+
+    The user's graph is not changed (inductor's int8 lowering wants the float bias it has).
+    """
+    from ..passes import PassManager
+    from ..passes.quant.fold_weight_quant import DEQUANTIZE_OPS
+
+    if not any(n.op == "call_function" and n.target in DEQUANTIZE_OPS for n in gm.graph.nodes):
+        return gm
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    graph._codegen = gm.graph._codegen  # same pytree signature as the user's graph
+    lowered = fx.GraphModule(gm, graph)
+    torch.nn.Module.train(lowered, gm.training)
+    lowered.meta.update(gm.meta)
+    lowered, _ = PassManager(["quantize-bias"], verify=False).run(lowered)
+    return lowered
 
 
 def _is_captured(model: torch.nn.Module) -> bool:
