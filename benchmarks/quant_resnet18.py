@@ -90,9 +90,10 @@ def pt2e_quantize(model, example, calib):
     exported = torch.export.export(model, (example,), strict=True).module()
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(exported, quantizer)
-    with torch.no_grad():
-        for x in calib:
-            prepared(x)
+    with torch.no_grad():  # its export is static at batch 1: the same calibration images, one at a time
+        for batch in calib:
+            for x in batch.split(1):
+                prepared(x)
     return convert_pt2e(prepared)
 
 

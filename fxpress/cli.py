@@ -21,7 +21,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(result.table())
     print()
     print(result.pipeline_report)
-    print(f"\nwrote {result.onnx_path} and {args.out}/report.txt")
+    print()
+    print(result.quant_report)
+    print(f"\nwrote {result.onnx_path}, {result.onnx_path.with_name('model_int8.onnx')} and {args.out}/report.txt")
     return 0
 
 

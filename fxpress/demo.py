@@ -1,7 +1,8 @@
 """The embedded default: a small CNN trained in seconds on scikit-learn's bundled digits data.
 
-``fxpress demo`` trains it, compresses it with the pipeline that exists, exports ONNX, checks the
-accuracy of every form on the held-out digits, and prints a table of accuracy, size and latency.
+``fxpress demo`` trains it, folds batch norms, quantizes it to int8 (static, calibrated on 16
+training batches), exports fp32 and int8 ONNX, checks the accuracy of every form on the held-out
+digits, and prints a table of accuracy, size and latency.
 Nothing is downloaded: ``sklearn.datasets.load_digits`` ships its 1,797 8x8 images inside the
 package.
 """
@@ -109,6 +110,7 @@ class DemoRow:
 class DemoResult:
     rows: list[DemoRow] = field(default_factory=list)
     pipeline_report: object = None
+    quant_report: object = None
     onnx_path: Path | None = None
 
     def table(self) -> str:
@@ -126,14 +128,15 @@ def _param_kb(module: nn.Module) -> float:
 
 def run_demo(out_dir: str | Path = "fxpress-demo", epochs: int = 8, with_compile: bool = False, progress: bool = True) -> DemoResult:
     """Train, compress, export and measure; write ``model.onnx`` and ``report.txt`` to ``out_dir``."""
-    from . import PassManager, capture, export_onnx
+    from . import PassManager, capture, export_onnx, quant_report, quantize
+    from .backends import optimized_op_counts
     from .backends.compile_backend import DEFAULT_PASSES
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file; give a directory for the demo's outputs")
     out.mkdir(parents=True, exist_ok=True)
-    model, (_, _, x_test, y_test) = train_digits_cnn(epochs=epochs, progress=progress)
+    model, (x_train, _, x_test, y_test) = train_digits_cnn(epochs=epochs, progress=progress)
     sample = x_test[:1]
     result = DemoResult()
     result.rows.append(DemoRow("eager fp32", accuracy(model, x_test, y_test), _param_kb(model), latency_ms(model, sample)))
@@ -150,17 +153,37 @@ def run_demo(out_dir: str | Path = "fxpress-demo", epochs: int = 8, with_compile
     result.onnx_path = exported.path
     result.rows.append(
         DemoRow(
-            "onnxruntime",
+            "onnxruntime fp32",
             accuracy(session, x_test, y_test),
             exported.path.stat().st_size / 1024,
             latency_ms(session, sample),
             f"opset {exported.opset}, max |diff| {max(exported.max_abs_diff):.1e}",
         )
     )
-    if with_compile:
-        compiled = torch.compile(model, backend="fxpress")
-        result.rows.append(DemoRow("torch.compile fxpress", accuracy(compiled, x_test, y_test), _param_kb(gm), latency_ms(compiled, sample)))
 
-    text = f"{result.table()}\n\n{report}\n"
+    calibration = [x_train[i : i + 32] for i in range(0, 32 * 16, 32)]
+    qm = quantize(model, (sample,), calibration=calibration, config="int8_static", progress=progress)
+    result.quant_report = quant_report(qm)
+    int_kb, float_kb = (b / 1024 for b in result.quant_report.weight_bytes)
+    result.rows.append(DemoRow("fxpress int8 graph", accuracy(qm, x_test, y_test), int_kb + float_kb, latency_ms(qm, sample), "Q/DQ emulated in float"))
+    exported_q = export_onnx(qm, (sample,), out / "model_int8.onnx", rtol=0.05)
+    session_q = exported_q.session(intra_op_threads=2)
+    fused = optimized_op_counts(exported_q.path)
+    kernels = ", ".join(f"{v} {k}" for k, v in sorted(fused.items()) if k.startswith(("QLinear", "QGemm")))
+    result.rows.append(
+        DemoRow(
+            "onnxruntime int8",
+            accuracy(session_q, x_test, y_test),
+            exported_q.path.stat().st_size / 1024,
+            latency_ms(session_q, sample),
+            kernels,
+        )
+    )
+    if with_compile:
+        for form, module in (("torch.compile fxpress fp32", model), ("torch.compile fxpress int8", qm)):
+            compiled = torch.compile(module, backend="fxpress")
+            result.rows.append(DemoRow(form, accuracy(compiled, x_test, y_test), 0.0, latency_ms(compiled, sample), "inductor"))
+
+    text = f"{result.table()}\n\n{report}\n\n{result.quant_report}\n"
     (out / "report.txt").write_text(text)
     return result
