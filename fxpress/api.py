@@ -7,6 +7,8 @@ runs in int8 and why the rest does not.
 
 from __future__ import annotations
 
+import copy
+import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -16,11 +18,11 @@ import torch.fx as fx
 
 from .ir.capture import capture, normalize_inputs
 from .ir.graph import node_label, op_name
-from .passes import PassManager, PipelineReport
+from .passes import PassError, PassManager, PipelineReport
 from .passes.quant.config import OP_KINDS, QuantConfig, op_kind
 from .passes.quant.convert_to_qdq import qdq_ops
 from .passes.quant.fold_weight_quant import DEQUANTIZE_OPS, QUANTIZE_OPS
-from .passes.quant.insert_observers import ACTIVATIONS, SHARE_OPS
+from .passes.quant.insert_observers import ACTIVATIONS, OBSERVER_ROOT, SHARE_OPS
 
 __all__ = ["prepare", "convert", "quantize", "calibrate", "quant_report", "QuantReport"]
 
@@ -29,7 +31,10 @@ _PREP = ("fold-constants", "fold-batch-norm", "eliminate-dead-code")
 
 def _as_graph(model: Any, example_inputs: Any) -> fx.GraphModule:
     if isinstance(model, fx.GraphModule) and any("val" in n.meta for n in model.graph.nodes):
-        return model
+        if hasattr(model, OBSERVER_ROOT) or any(n.op == "call_function" and n.target in DEQUANTIZE_OPS for n in model.graph.nodes):
+            raise ValueError("this graph is already prepared or quantized; pass the float model (or its captured graph)")
+        # the passes edit in place: work on a copy so the caller's captured graph stays float and reusable
+        return copy.deepcopy(model)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if model.training:
@@ -40,15 +45,57 @@ def _as_graph(model: Any, example_inputs: Any) -> fx.GraphModule:
     return capture(model, example_inputs)
 
 
-def prepare(model: torch.nn.Module, example_inputs: Any, config: QuantConfig | str | dict | None = "int8_static", *, verify: bool = True) -> fx.GraphModule:
-    """Capture ``model``, fold batch norms, and insert observers; run calibration batches through the result."""
+def prepare(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    config: QuantConfig | str | dict | None = "int8_static",
+    *,
+    verify: bool = True,
+    equalize: bool = False,
+    bias_correction: bool = False,
+    smooth_quant: float | bool | None = None,
+    calibration: Iterable | None = None,
+    max_batches: int | None = None,
+) -> fx.GraphModule:
+    """Capture ``model``, fold batch norms, and insert observers; run calibration batches through the result.
+
+    equalize: cross-layer equalization of conv/linear chains first (exact in float).
+    bias_correction: also record each quantized conv/linear's input mean during calibration, so
+    ``convert`` corrects the bias for the weights' rounding.
+    smooth_quant: SmoothQuant alpha (True = 0.5) for linears: needs ``calibration`` here, for the
+    activation statistics it reads before the observers go in (calibrate the result as usual after).
+    """
     cfg = QuantConfig.coerce(config)
     inputs = normalize_inputs(example_inputs)
     gm = _as_graph(model, inputs)
-    gm, report = PassManager([*_PREP, ("insert-observers", {"config": cfg})], verify=verify).run(gm, inputs)
+    gm, report, float_passes = _float_passes(gm, inputs, cfg, equalize, smooth_quant, calibration, max_batches, verify)
+    observe = [("insert-observers", {"config": cfg}), *(["record-input-means"] if bias_correction else [])]
+    gm, more = PassManager(observe, verify=verify).run(gm, inputs)
+    report.passes += more.passes
     gm.meta.setdefault("fxpress", {})
-    gm.meta["fxpress"].update(quant_config=cfg, prepare_report=report, example_inputs=inputs)
+    gm.meta["fxpress"].update(
+        quant_config=cfg, prepare_report=report, example_inputs=inputs, bias_correction=bias_correction, float_passes=float_passes
+    )
     return gm
+
+
+def _float_passes(gm, inputs, cfg, equalize, smooth_quant, calibration, max_batches, verify) -> tuple[fx.GraphModule, PipelineReport, list]:
+    """The exact float rewrites before observers: folding, then CLE and SmoothQuant when asked."""
+    passes: list[Any] = [*_PREP, *(["cross-layer-equalization"] if equalize else [])]
+    gm, report = PassManager(passes, verify=verify).run(gm, inputs)
+    if smooth_quant is not None and smooth_quant is not False:
+        from .passes.quant.smooth_quant import activation_absmax
+
+        if calibration is None:
+            raise ValueError("smooth_quant needs calibration data for its activation statistics: pass calibration=loader")
+        batches = itertools.islice(calibration, max_batches)
+        stats = activation_absmax(gm, (_batch_args(b, len(inputs)) for b in batches))
+        alpha = 0.5 if smooth_quant is True else float(smooth_quant)
+        sq = ("smooth-quant", {"statistics": stats, "alpha": alpha, "config": cfg})
+        gm, more = PassManager([sq], verify=verify).run(gm, inputs)
+        report.passes += more.passes
+        passes.append(sq)
+    return gm, report, passes
 
 
 def convert(prepared: fx.GraphModule, *, verify: bool = True) -> fx.GraphModule:
@@ -58,7 +105,16 @@ def convert(prepared: fx.GraphModule, *, verify: bool = True) -> fx.GraphModule:
         raise ValueError("convert() takes the graph returned by fxpress.prepare() (after calibration)")
     cfg = meta["quant_config"]
     passes = [("convert-to-qdq", {"config": cfg}), "fold-weight-quant", "fold-qdq", "eliminate-dead-code"]
-    gm, report = PassManager(passes, verify=verify).run(prepared)
+    if meta.get("bias_correction"):
+        passes.insert(1, "bias-correction")
+    try:
+        gm, report = PassManager(passes, verify=verify).run(prepared)
+    except PassError as exc:
+        from .passes.quant.observers import CalibrationError
+
+        if isinstance(exc.__cause__, CalibrationError):  # the user's mistake, not a pass failure: say it plainly
+            raise exc.__cause__ from None
+        raise
     gm.meta["fxpress"]["convert_report"] = report
     return gm
 
@@ -74,6 +130,15 @@ def _batch_args(batch: Any, arity: int) -> tuple[tuple, dict]:
         f"a calibration batch must be a tensor, a tuple/list (inputs first; extra items such as labels are "
         f"ignored) or a dict of keyword inputs, got {type(batch).__name__}"
     )
+
+
+def _by_name(gm: fx.GraphModule, batch: dict) -> tuple:
+    """A dict batch in the graph's input order (extra keys, such as labels, are ignored)."""
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    missing = [k for k in names if k not in batch]
+    if missing:
+        raise ValueError(f"a dict calibration batch must hold the model inputs {names} by name; missing {missing}")
+    return tuple(batch[k] for k in names)
 
 
 def calibrate(prepared: fx.GraphModule, data: Iterable, *, max_batches: int | None = None, progress: bool = True) -> int:
@@ -92,6 +157,8 @@ def calibrate(prepared: fx.GraphModule, data: Iterable, *, max_batches: int | No
     with torch.no_grad():
         for batch in tqdm(data, total=total, desc="calibrating", disable=not progress, leave=False):
             args, kwargs = _batch_args(batch, arity)
+            if kwargs:  # a captured graph takes its inputs by position
+                args, kwargs = _by_name(prepared, kwargs), {}
             prepared(*args, **kwargs)
             seen += 1
             if max_batches is not None and seen >= max_batches:
@@ -110,16 +177,35 @@ def quantize(
     max_batches: int | None = None,
     progress: bool = True,
     verify: bool = True,
+    equalize: bool = False,
+    bias_correction: bool = False,
+    smooth_quant: float | bool | None = None,
+    target_sqnr: float | None = None,
 ) -> fx.GraphModule:
-    """prepare → calibrate on ``calibration`` → convert. Weight-only and dynamic configs need no data."""
+    """prepare → calibrate on ``calibration`` → convert. Weight-only and dynamic configs need no data.
+
+    equalize / bias_correction / smooth_quant: see ``prepare``. target_sqnr (dB): keep the most
+    sensitive layers in float until the output SQNR on the calibration data reaches it
+    (``fxpress.passes.quant.debug.auto_fallback``; its report is in ``gm.meta["fxpress"]["fallback_report"]``).
+    """
     cfg = QuantConfig.coerce(config)
-    prepared = prepare(model, example_inputs, cfg, verify=verify)
-    if cfg.default.mode == "static" or any(s is not None and s.mode == "static" for s in [*cfg.op_types.values(), *cfg.nodes.values()]):
-        if calibration is None:
-            raise ValueError(
-                "static quantization needs calibration data: quantize(model, x, calibration=loader), "
-                "or use config='int8_dynamic' / 'int8_weight_only' which need none"
-            )
+    static = cfg.default.mode == "static" or any(s is not None and s.mode == "static" for s in [*cfg.op_types.values(), *cfg.nodes.values()])
+    if calibration is None and (static or bias_correction or smooth_quant not in (None, False) or target_sqnr is not None):
+        raise ValueError(
+            "static quantization, bias_correction, smooth_quant and target_sqnr need calibration data: "
+            "quantize(model, x, calibration=loader), or use config='int8_dynamic' / 'int8_weight_only' which need none"
+        )
+    if calibration is not None and iter(calibration) is calibration:  # a one-shot iterator: some options read it twice
+        calibration = list(itertools.islice(calibration, max_batches))
+    options = dict(equalize=equalize, bias_correction=bias_correction, smooth_quant=smooth_quant)
+    if target_sqnr is not None:
+        from .passes.quant.debug import auto_fallback
+
+        gm, fallback = auto_fallback(model, example_inputs, calibration, cfg, target_sqnr=target_sqnr, max_batches=max_batches, verify=verify, **options)
+        gm.meta["fxpress"]["fallback_report"] = fallback
+        return gm
+    prepared = prepare(model, example_inputs, cfg, verify=verify, calibration=calibration, max_batches=max_batches, **options)
+    if static or bias_correction:
         calibrate(prepared, calibration, max_batches=max_batches, progress=progress)
     return convert(prepared, verify=verify)
 
@@ -187,7 +273,8 @@ def _quant_mode_or_float(node: fx.Node) -> str:
     return _quant_mode(node) if node.op == "call_function" and op_kind(node) is not None else "float"
 
 
-_SKIP_FLOAT = frozenset({torch.ops.aten.sym_size.int}) | SHARE_OPS
+# shapes, per-batch qparams, eval-mode dropout: no float compute to report
+_SKIP_FLOAT = frozenset({torch.ops.aten.sym_size.int, qdq_ops().choose_qparams.tensor, torch.ops.aten.dropout_.default}) | SHARE_OPS
 
 
 def quant_report(gm: fx.GraphModule) -> QuantReport:
@@ -201,7 +288,8 @@ def quant_report(gm: fx.GraphModule) -> QuantReport:
         kind = op_kind(node)
         if kind is None:
             fused = node.target in ACTIVATIONS and isinstance(node.args[0], fx.Node) and _quant_mode_or_float(node.args[0]) != "float"
-            if not fused and node.target not in _SKIP_FLOAT and node.target is not operator.getitem:
+            computes = isinstance(node.meta.get("val"), torch.Tensor)  # not symbolic size arithmetic
+            if computes and not fused and node.target not in _SKIP_FLOAT and node.target is not operator.getitem:
                 report.other_float[op_name(node)] += 1
             continue
         mode = _quant_mode(node)

@@ -176,12 +176,33 @@ def _build_target(aten_gm: fx.GraphModule, inputs: tuple, opts: BackendOptions) 
     if opts.target == "eager":
         return aten_gm
     if opts.target == "inductor":
-        # inductor lowers Q/DQ patterns to int8 kernels only with freezing (weights as constants)
-        # (torch.compile takes a mode or options, not both; a mode the user asked for wins)
-        if opts.inductor_mode is not None:
-            return torch.compile(aten_gm, backend="inductor", mode=opts.inductor_mode)
-        options = {"freezing": True} if _has_qdq(aten_gm) else None
-        return torch.compile(aten_gm, backend="inductor", options=options)
+        # compile_fx, not torch.compile: Dynamo runs a backend's result with itself disabled, so a
+        # torch.compile'd function returned from here would silently run eagerly, never compiled.
+        from torch._guards import TracingContext, detect_fake_mode, tracing
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = dict(list_mode_options(opts.inductor_mode)) if opts.inductor_mode is not None else {}
+        if _has_qdq(aten_gm):
+            # int8 kernels need: the x86 patterns registered (torchao), the graph in their layout
+            # (on this capture, never the user's module), and freezing (weights as constants)
+            from ..passes.quant.inductor_layout import InductorInt8Layout, register_inductor_int8_patterns
+
+            why = register_inductor_int8_patterns()
+            if why is not None:
+                _warn_once("int8-patterns", f"fxpress: quantized ops run as dequantize + float ops in inductor: {why}.")
+            layout = InductorInt8Layout()(aten_gm)
+            log.info("fxpress: %s", layout.report)
+            aten_gm = layout.gm
+            patches["freezing"] = True
+        # compile for the shapes the capture kept dynamic: its placeholders' fake values, not the sample
+        fakes = [n.meta.get("val") for n in aten_gm.graph.find_nodes(op="placeholder")]
+        fake_mode = detect_fake_mode(fakes) if all(isinstance(f, torch.Tensor) for f in fakes) else None
+        with torch.no_grad():  # an inference graph (grad-needing graphs never reach here)
+            if fake_mode is None:
+                return compile_fx(aten_gm, list(inputs), config_patches=patches)
+            with tracing(TracingContext(fake_mode)):
+                return compile_fx(aten_gm, fakes, config_patches=patches)
     from .onnx_export import export_onnx
 
     result = export_onnx(aten_gm, inputs, path=None, check=opts.verify)

@@ -109,6 +109,7 @@ def export_onnx(
     atol: float = 1e-4,
     rtol: float = 1e-4,
     optimize: bool = True,
+    quant_options: Any = None,
 ) -> OnnxExportResult:
     """Export ``model`` (an nn.Module, or a GraphModule from ``fxpress.capture``) to ONNX at ``path``.
 
@@ -120,6 +121,8 @@ def export_onnx(
     check: run onnx.checker and compare onnxruntime with torch on ``args`` (see the module docstring).
     atol, rtol: the parity tolerance: ``max|ort - torch| <= atol + rtol * max|torch|`` per output.
     optimize: let the exporter run onnxscript's graph optimizer (constant folding, dead code, ...).
+    quant_options: how dynamic / weight-only quantized linears are lowered
+        (``fxpress.backends.onnx_quant.OnnxQuantOptions`` or a dict of its fields; defaults when None).
     """
     args = normalize_inputs(args)
     if not isinstance(model, torch.nn.Module):
@@ -141,9 +144,9 @@ def export_onnx(
             f"{' ...' if len(training) > 5 else ''} in training mode (batch statistics / random dropout), which "
             "ONNX inference cannot reproduce. Call model.eval() before fxpress.capture (or export)."
         )
-    gm = _lower_quantized(gm)
+    gm, translations = _lower_quantized(gm, quant_options)
     opset = _choose_opset(gm, opset)
-    program, shapes = _to_onnx_program(gm, args, shapes, auto, opset, optimize)
+    program, shapes = _to_onnx_program(gm, args, shapes, auto, opset, optimize, translations)
 
     large = _initializer_bytes(program) > _LARGE_MODEL_BYTES
     tmpdir = None
@@ -189,24 +192,31 @@ def export_onnx(
     return result
 
 
-def _lower_quantized(gm: fx.GraphModule) -> fx.GraphModule:
-    """For graphs with Q/DQ: a copy with int32 biases, the layout onnxruntime fuses into int8 kernels.
+def _lower_quantized(gm: fx.GraphModule, quant_options: Any = None) -> tuple[fx.GraphModule, dict | None]:
+    """For graphs with Q/DQ: a copy in the layout onnxruntime runs as integer kernels, and the
+    ``custom_translation_table`` its export needs (None when the default exporter suffices).
 
-    The user's graph is not changed (inductor's int8 lowering wants the float bias it has).
+    Static int8: int32 biases (quantize-bias), so DQ→Conv/Gemm→Q groups fuse into QLinearConv/QGemm.
+    Dynamic int8 and weight-only linears: ``onnx_quant.LowerQuantizedLinears`` (DynamicQuantizeLinear
+    → MatMulInteger, MatMulNBits). The user's graph is not changed (inductor's int8 lowering wants
+    the float bias and reference Q/DQ it has).
     """
     from ..passes import PassManager
     from ..passes.quant.fold_weight_quant import DEQUANTIZE_OPS
+    from . import onnx_quant
 
+    options = onnx_quant.OnnxQuantOptions.coerce(quant_options)
     if not any(n.op == "call_function" and n.target in DEQUANTIZE_OPS for n in gm.graph.nodes):
-        return gm
+        return gm, None
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     graph._codegen = gm.graph._codegen  # same pytree signature as the user's graph
     lowered = fx.GraphModule(gm, graph)
     torch.nn.Module.train(lowered, gm.training)
     lowered.meta.update(gm.meta)
-    lowered, _ = PassManager(["quantize-bias"], verify=False).run(lowered)
-    return lowered
+    lowered, _ = PassManager(["quantize-bias", onnx_quant.LowerQuantizedLinears(options)], verify=False).run(lowered)
+    translations = onnx_quant.translation_table() if onnx_quant.needs_translations(lowered) else None
+    return lowered, translations
 
 
 def _is_captured(model: torch.nn.Module) -> bool:
@@ -302,7 +312,7 @@ def _prepare_path(path: str | os.PathLike | None) -> Path | None:
     return out
 
 
-def _to_onnx_program(gm, args, shapes, auto, opset, optimize):
+def _to_onnx_program(gm, args, shapes, auto, opset, optimize, translations=None):
     try:
         ep = _export(gm, args, {}, shapes, False)
     except Exception as exc:  # noqa: BLE001 - retried static below, or reported
@@ -321,7 +331,9 @@ def _to_onnx_program(gm, args, shapes, auto, opset, optimize):
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*training mode.*")
-            program = torch.onnx.export(ep, args, dynamo=True, opset_version=opset, optimize=optimize, verbose=False)
+            program = torch.onnx.export(
+                ep, args, dynamo=True, opset_version=opset, optimize=optimize, verbose=False, custom_translation_table=translations
+            )
     except Exception as exc:  # noqa: BLE001
         raise OnnxExportError(f"torch.onnx.export failed (opset {opset}): {_first_line(exc, 1200)}") from exc
     return program, shapes

@@ -177,6 +177,8 @@ class QuantConfig:
             spec = self.op_types[kind]
             return (spec, "") if spec is not None else (None, f"kept float by config (op_types[{kind!r}])")
         if kind not in self.op_kinds:
+            if kind in _DEFAULT_KINDS[self.default.mode]:
+                return None, f"{kind} is left out of config.op_kinds"
             return None, f"{kind} is not quantized in {self.default.mode} mode"
         return self.default, ""
 

@@ -13,7 +13,8 @@ After::
 
 Any ``quantize_*`` op whose input is a constant is evaluated ahead of time. The integer tensor takes
 over the float weight's attribute name when nothing else reads the float weight, else it is stored
-beside it as ``<name>_quantized``. Numerics: exact (the same rounding, done once).
+beside it as ``<name>_quantized``; a weight shared by several ops that quantizes to the same integers
+is stored once. Numerics: exact (the same rounding, done once).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class FoldWeightQuant(Pass):
     run_after = ("convert-to-qdq",)
 
     def run(self, gm: fx.GraphModule, report: PassReport) -> None:
+        folded: dict[str, list[tuple[torch.Tensor, str]]] = {}  # float weight → (integer tensor, its attribute)
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target not in QUANTIZE_OPS:
                 continue
@@ -60,12 +62,18 @@ class FoldWeightQuant(Pass):
             with torch.no_grad():
                 quantized = node.target(*args, **node.kwargs)
             readers = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == weight.target]
-            if len(readers) == 1 and len(weight.users) == 1:
+            same = next((t for q, t in folded.get(weight.target, ()) if q.dtype == quantized.dtype and torch.equal(q, quantized)), None)
+            if same is not None:  # a weight shared by several ops: one integer copy
+                with gm.graph.inserting_before(node):
+                    replacement = gm.graph.get_attr(same)
+                replacement.meta["val"] = fake_value(gm, quantized)
+            elif len(readers) == 1 and len(weight.users) == 1:
                 set_attr_value(gm, weight.target, quantized, parameter=False)
                 weight.meta["val"] = fake_value(gm, quantized)
                 replacement = weight
             else:
                 replacement = add_constant(gm, f"{weight.target}_quantized", quantized, before=node)
+            folded.setdefault(weight.target, []).append((quantized, replacement.target))
             node.replace_all_uses_with(replacement)
             gm.graph.erase_node(node)
             report.change(f"{node_label(weight)} → {str(quantized.dtype).removeprefix('torch.')} constant", kind="folded weights")

@@ -128,11 +128,22 @@ class InsertObservers(Pass):
                 opts["bits"] = spec.bits
             return plan.name(kind), make_observer(spec.observer, dtype=spec.dtype, symmetric=spec.symmetric, axis=spec.axis, **opts)
 
+        # outputs of quantized ops that are observed for every reader ("born" int8)
+        born = {out for node, spec in quantized if spec.mode == "static" for out in [_fused_output(node)]
+                if any(u.op != "output" for u in out.users) or (self.config.quantize_outputs and out in outputs)}
+
         def observe_input(tensor: fx.Node, consumer: fx.Node, spec: TensorSpec) -> None:
             chain, root = [], tensor
             while root.op == "call_function" and root.target in SHARE_OPS and isinstance(root.args[0], fx.Node) and _is_float(root.args[0]):
                 chain.append(root)
                 root = root.args[0]
+            # Sharing reads the observed root through the shape ops, so every other reader of a link
+            # would see fake-quantized values. Unless the root is int8 for everyone anyway, stop at the
+            # first link read by anything else and observe it there: float consumers keep exact values.
+            if root not in born:
+                cut = next((i for i, link in enumerate(chain) if len(link.users) > 1), None)
+                if cut is not None:
+                    chain, root = chain[:cut], chain[cut]
             if root not in plan.observer:
                 plan.observer[root] = observer_for(spec, "act")
             source = plan.observer[root][0]
@@ -161,8 +172,7 @@ class InsertObservers(Pass):
             for tensor in _activation_inputs(node):
                 observe_input(tensor, node, spec.activation)
             out = _fused_output(node)
-            others = [u for u in out.users if u.op != "output"]
-            if others or (self.config.quantize_outputs and out in outputs):
+            if out in born:
                 if out not in plan.observer:
                     plan.observer[out] = observer_for(spec.activation, "act")
                 plan.born.add(out)
