@@ -59,12 +59,14 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=14000)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0],
+                    help="graph sizes to measure, as fractions of --nodes")
     ap.add_argument("--prune", action="store_true", help="also time fxpress.prune(ratio=0.5) on the largest graph")
     args = ap.parse_args()
     torch.manual_seed(0)
     x = torch.randn(4, args.width)
     print(f"{'nodes':>7} {'blocks':>6} {'capture s':>9} {'analysis s':>10} {'groups':>6} {'prunable':>8}  per node")
-    sizes = sorted({max(1, int(args.nodes * f) // 8) for f in (0.25, 0.5, 1.0)})
+    sizes = sorted({max(1, int(args.nodes * f) // 8) for f in args.fractions})
     last = None
     for blocks in sizes:
         model = ResidualMLP(blocks, args.width, args.hidden).eval()

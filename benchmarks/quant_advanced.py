@@ -16,11 +16,15 @@ which BERT's GELU MLPs are not; SmoothQuant is for linears fed by outlier channe
 have only in their classifier).
 
 * mobilenet_v2 / resnet18 (torchvision, weights=None), 16 calibration batches. Random init leaves
-  every batch norm at mean 0 / var 1 / gamma 1, which a trained network never is and which would
-  make folding (and CLE) trivial: here BN running statistics are estimated on the random inputs
-  (train-mode passes, so activations are normalized as in a trained net) and gamma is drawn
-  log-uniformly from [0.02, 2], which after folding gives per-channel weight ranges that differ
-  by up to 100x, the depthwise-conv situation CLE was made for.
+  every batch norm at mean 0 / var 1 / gamma 1, under which activations vanish layer by layer
+  (mobilenet_v2's logits come out ~1e-9) and nothing is left to quantize. So BN running statistics
+  are estimated on the random inputs (train-mode passes: activations normalized as in a trained
+  net). Two versions: "bn" (gamma 1) and "uneven" (gamma drawn log-uniformly from [0.02, 2]
+  before estimating: after folding, per-channel weight and activation ranges then differ by up
+  to 100x, as they do in trained networks, the situation CLE was made for). A deep random
+  network amplifies any perturbation layer by layer (each mobilenet_v2 layer alone quantizes at
+  38-41 dB, the 52 together end near 5 dB: see ``compare_nodes(mode="local")``), so its absolute
+  SQNRs are far below a trained network's.
 * bert: transformers BertModel (hidden 256, 4 layers, 4 heads, intermediate 1024, seq 128), random
   weights. Real BERT/OPT/LLaMA LayerNorm outputs have a few outlier channels 10-100x larger than
   the rest; random init has none, so we MIMIC them: in every LayerNorm, 4 fixed channels get
@@ -56,15 +60,16 @@ VARIANTS = {
 PER_TENSOR_W = QuantConfig(default=OpQuant("static", TensorSpec(), TensorSpec(dtype=torch.int8, symmetric=True, axis=None, observer="minmax")))
 
 
-def realistic_bn(model: torch.nn.Module, batches: list[torch.Tensor], seed: int = 0) -> torch.nn.Module:
-    """Log-uniform gamma in [0.02, 2], running statistics estimated on ``batches`` (see the module docstring)."""
+def realistic_bn(model: torch.nn.Module, batches: list[torch.Tensor], uneven: bool, seed: int = 0) -> torch.nn.Module:
+    """BN running statistics estimated on ``batches``; with ``uneven``, first log-uniform gamma in [0.02, 2]."""
     gen = torch.Generator().manual_seed(seed)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     with torch.no_grad():
         for bn in bns:
-            u = torch.rand(bn.num_features, generator=gen)
-            bn.weight.copy_(torch.exp(torch.log(torch.tensor(0.02)) + u * torch.log(torch.tensor(100.0))))
-            bn.bias.copy_(torch.randn(bn.num_features, generator=gen) * 0.1)
+            if uneven:
+                u = torch.rand(bn.num_features, generator=gen)
+                bn.weight.copy_(torch.exp(torch.log(torch.tensor(0.02)) + u * torch.log(torch.tensor(100.0))))
+                bn.bias.copy_(torch.randn(bn.num_features, generator=gen) * 0.1)
             bn.reset_running_stats()
             bn.momentum = None  # cumulative average over the passes below
         model.train()
@@ -113,10 +118,11 @@ def build(name: str, args, gen: torch.Generator):
         return model, [make() for _ in range(args.calib)], [make() for _ in range(args.eval)]
     import torchvision
 
-    model = torchvision.models.get_model(name, weights=None)
+    arch, _, bn = name.partition(":")
+    model = torchvision.models.get_model(arch, weights=None)
     make = lambda: torch.randn(args.batch, 3, args.size, args.size, generator=gen)  # noqa: E731
     calib, evals = [make() for _ in range(args.calib)], [make() for _ in range(args.eval)]
-    realistic_bn(model, [make() for _ in range(8)])
+    realistic_bn(model, [make() for _ in range(8)], uneven=bn == "uneven")
     return model, calib, evals
 
 
@@ -131,11 +137,11 @@ def applies(model_name: str, variant: str) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="mobilenet_v2,resnet18,bert,bert_small_weights")
+    parser.add_argument("--models", default="mobilenet_v2:bn,mobilenet_v2:uneven,resnet18:uneven,bert,bert_small_weights")
     parser.add_argument("--calib", type=int, default=16, help="calibration batches")
     parser.add_argument("--eval", type=int, default=4, help="held-out evaluation batches")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--size", type=int, default=128, help="image size for the CNNs")
+    parser.add_argument("--size", type=int, default=96, help="image size for the CNNs")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     args = parser.parse_args()

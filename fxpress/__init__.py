@@ -10,7 +10,9 @@ from .backends.compile_backend import compile_reports
 from .backends.compile_backend import register as _register_backend
 from .ir import CaptureError, PassReport, VerificationError, capture
 from .passes import Pass, PassError, PassManager, PassResult, PipelineReport, available_passes, register_pass
+from .passes.prune import ChannelPrune, PruneReport
 from .passes.quant import OpQuant, QuantConfig, TensorSpec
+from .prune_api import channel_groups, prune, prune_report
 
 __version__ = "0.1.0"
 
@@ -31,11 +33,16 @@ __all__ = [
     "VerificationError",
     "available_passes",
     "calibrate",
+    "channel_groups",
+    "ChannelPrune",
     "capture",
     "compile_reports",
     "convert",
     "export_onnx",
     "prepare",
+    "prune",
+    "prune_report",
+    "PruneReport",
     "quant_report",
     "quantize",
     "register_pass",

@@ -33,9 +33,24 @@ Fail closed
   name match), plus a short explicit list of untagged ones (dropout, copies, hardswish).
 
 A class is *prunable* when its size is a constant >= 2, nothing froze it, and it occurs in at least
-one parameter or buffer (so there is something to shrink). Classes with no parameter attached are
-irrelevant and not reported. ``layer_norm``/``rms_norm`` tie their normalized dims to their affine
-parameters but mark the class *approximate*: removing channels changes the normalization statistics.
+one ``nn.Parameter`` (so there is something to shrink; buffers such as running statistics shrink
+along, but a class found only in buffers -- a position-id table -- is not a channel). Classes in no
+parameter or buffer are irrelevant and not reported. ``layer_norm``/``rms_norm`` tie their normalized
+dims to their affine parameters but mark the class *approximate*: removing channels changes the
+normalization statistics (``layer_norm="freeze"`` freezes them instead).
+
+Soundness does not depend on the order the rules run in: splitting, factoring and aliasing a class
+only re-describe the same indices, and unions only add constraints, so every tie made earlier still
+holds at the end. What the order can change is granularity (how finely a class is split).
+
+Limits (each fails closed, with the reason in the summary): strided slices; a reshape whose factors
+cannot be aligned (``[6, 4] -> [4, 6]``); grouped-query attention; group norm prunes whole groups
+only; ops not in the table (``gather``, ``index``, ``roll``, ``cumsum``, factories, ...). Attention
+prunes heads and head dims as separate groups (q/k share a head dim, v has its own).
+
+Shapes: the sizes come from ``meta["val"]``; a graph captured from a batch-1 sample carries some
+literal 1s where the dynamic batch flows, so then the shapes are re-propagated from the placeholders
+with a dynamic-dim hint of 7 first (one fake-tensor pass).
 
 Pruning a set of classes then (see ``PruningPlan``) gives, for each space, the kept indices
 (``index_select`` of parameters) and the new size (shape constants in the graph: view/reshape sizes,
@@ -48,7 +63,7 @@ from __future__ import annotations
 import difflib
 import math
 import operator
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -56,7 +71,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .graph import get_attr_value, node_label, op_name
+from .graph import get_attr_value, op_name
 
 __all__ = [
     "resolve_ignore",
@@ -983,12 +998,6 @@ def _module_path(node: fx.Node) -> str:
         return ""
     path = list(stack.values())[-1][0]
     return path.replace("L['self'].", "").replace("L['self']", "")
-
-
-def _value(key: Key) -> torch.Tensor:
-    node, item = key
-    val = node.meta["val"]
-    return val if item is None else val[item]
 
 
 def _tensor_keys(x: Any) -> list[Key]:

@@ -437,3 +437,22 @@ def test_summary_lists_groups_and_frozen_reasons():
     m, args = CatChannels().eval(), (torch.randn(2, 3, 5, 5),)
     text = analyze_channels(capture(m, args)).summary()
     assert "prunable" in text and "a.weight[dim 0]" in text and "model input 'x'" in text and "model output" in text
+
+
+class Ein(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(4, 12))
+        self.w2 = nn.Parameter(torch.randn(12, 3))
+
+    def forward(self, x):
+        return torch.einsum("bj,jk->bk", torch.relu(torch.einsum("bi,ij->bj", x, self.w1)), self.w2)
+
+
+def test_einsum_ties_dims_by_letter():
+    m, args = Ein().eval(), (torch.randn(2, 4),)
+    an = analyze_channels(capture(m, args))
+    g = _group(an, "w1", 1)
+    assert ("w2", 0) in _targets(g) and g.prunable
+    pruned, _ = _check_oracle(m, args)
+    assert pruned.w1.shape == (4, 6)

@@ -81,6 +81,24 @@ class PruneReport:
     def macs_ratio(self) -> float:
         return self.macs_after / self.macs_before if self.macs_before else 1.0
 
+    def layer_table(self) -> list[tuple[str, str]]:
+        """Per layer (a module whose ``weight`` changed): weight dims 0 and 1 before -> after, i.e.
+        output and input channels of conv/linear (per group for grouped convs; transposed convs
+        have them the other way round), the channels of a norm."""
+        rows = []
+        for c in self.layers:
+            if not c.target.endswith("weight") or not c.before:
+                continue
+            layer = c.target.rpartition(".")[0] or c.target
+            parts = []
+            if c.before[0] != c.after[0]:
+                parts.append(f"out {c.before[0]} -> {c.after[0]}")
+            if len(c.before) > 1 and c.before[1] != c.after[1]:
+                parts.append(f"in {c.before[1]} -> {c.after[1]}")
+            if parts:
+                rows.append((layer, ", ".join(parts)))
+        return rows
+
     def __str__(self) -> str:
         lines = [
             f"channel pruning: ratio {self.ratio}, importance {self.importance}"
@@ -89,6 +107,14 @@ class PruneReport:
             f"  MACs   {self.macs_before:,} -> {self.macs_after:,} ({self.macs_ratio:.3f}x)",
             f"  {len(self.pruned_groups)} groups pruned, {len(self.frozen_groups)} groups with parameters frozen",
         ]
+        table = self.layer_table()
+        if table:
+            lines.append("  layers (channels):")
+            width = max(len(name) for name, _ in table[:60])
+            for name, what in table[:60]:
+                lines.append(f"    {name.ljust(width)}  {what}")
+            if len(table) > 60:
+                lines.append(f"    ... {len(table) - 60} more")
         if self.layers:
             lines.append("  tensors:")
             for c in self.layers[:60]:
@@ -214,7 +240,7 @@ class ChannelPrune(Pass):
 
     def run(self, gm: fx.GraphModule, report: PassReport) -> None:
         analysis = analyze_channels(gm, layer_norm=self.layer_norm, ignore=self.ignore)
-        prep = self.prune_report(gm, analysis)
+        prep = self.select(gm, analysis)
         plan_groups = prep.pop("keep")
         rep: PruneReport = prep["report"]
         for n in analysis.notes + rep.notes:
@@ -244,7 +270,7 @@ class ChannelPrune(Pass):
         report.note(f"params {rep.params_before:,} -> {rep.params_after:,}, MACs {rep.macs_before:,} -> {rep.macs_after:,}")
         gm.meta.setdefault("fxpress", {}).setdefault("prune_reports", []).append(rep)
 
-    def prune_report(self, gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict:
+    def select(self, gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict:
         """Score and select (no change to ``gm``): {"keep": {group: kept}, "report": PruneReport}."""
         name = self.importance if isinstance(self.importance, str) else getattr(self.importance, "__name__", "custom")
         rep = PruneReport(self.ratio, name, count_params(gm), count_params(gm), total_macs(gm), total_macs(gm))

@@ -24,7 +24,7 @@ i mod (C_in/groups) of the rows of group i div (C_in/groups)), linear → linear
 
 * positively homogeneous per-channel ops: relu, leaky_relu (f(x/s) = f(x)/s for s > 0), max/avg
   pooling, dropout (eval), clone;
-* bounded activations relu6 / hardtanh(a, b) with a ≤ 0 ≤ b: not homogeneous, but
+* bounded activations relu6 / hardtanh(a, b): not homogeneous, but
   clamp(x/s, a, b) = clamp(x, a·s, b·s)/s, so they are rewritten (exactly) to
   ``aten.clamp.Tensor(x, a/s, b/s)`` with per-channel bounds (option ``bounded_activations``;
   off: such chains are skipped). These clamps, like relu6 before them, run in float between the
@@ -120,9 +120,6 @@ def _chain_reason(gm: fx.GraphModule, node: fx.Node, bounded: bool) -> str | Non
             if all(b is None or _const(gm, b) is not None for b in (lo, hi)):
                 return None
             return "clamp with bounds computed in the graph"
-        lo, hi = _bounds(node)
-        if not lo <= 0.0 <= hi:
-            return f"{op_name(node)}({lo:g}, {hi:g}) does not contain 0"
         return None
     name = op_name(node)
     if node.target in (aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor):

@@ -35,9 +35,12 @@ share an input share s (computed from all their weights).
 Options: ``alpha``; ``statistics`` mapping the name of each linear's input node to max|X_j| (from
 ``activation_absmax``, run on calibration data before observers are inserted); ``config``: when
 given, only linears it quantizes with int8 activations (static or dynamic) are smoothed, since
-smoothing only costs weight precision for weight-only quantization; ``only_layer_norm``: smooth
-only inputs that come from a LayerNorm. Skipped, with the reason: linears without statistics,
-with a non-constant weight, or excluded by the options.
+smoothing only costs weight precision for weight-only quantization; ``min_spread`` (default 4):
+smooth only inputs with outlier channels, i.e. whose largest channel max|X_j| is at least this many
+times the median one (smoothing evenly spread inputs only trades activation precision for weight
+precision, and may cost a float mul); ``only_layer_norm``: smooth only inputs that come from a
+LayerNorm. Skipped, with the reason: linears without statistics, with a non-constant weight, or
+excluded by the options.
 
 Numerics: exact up to float rounding (computed in float64), checked by the pass manager at 1e-4.
 """
@@ -164,6 +167,7 @@ class SmoothQuant(Pass):
         alpha: float = 0.5,
         config: QuantConfig | str | dict | None = None,
         only_layer_norm: bool = False,
+        min_spread: float = 4.0,
     ):
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -171,6 +175,7 @@ class SmoothQuant(Pass):
         self.alpha = float(alpha)
         self.config = QuantConfig.coerce(config) if config is not None else None
         self.only_layer_norm = only_layer_norm
+        self.min_spread = float(min_spread)
 
     def _eligible(self, linear: fx.Node) -> str | None:
         if self.config is None:
@@ -203,6 +208,11 @@ class SmoothQuant(Pass):
             if x.name not in self.statistics:
                 for lin in chosen:
                     report.skip(node_label(lin), f"no calibration statistics for its input {x.name}")
+                continue
+            spread = _spread(self.statistics[x.name].double())
+            if spread < self.min_spread:
+                for lin in chosen:
+                    report.skip(node_label(lin), f"no outlier channels in {x.name} (max|x| spread {spread:.3g} < min_spread {self.min_spread:g})")
                 continue
             self._smooth(gm, x, chosen, ln, report)
         if report.changed:

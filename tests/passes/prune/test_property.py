@@ -1,7 +1,8 @@
 """Property test: random architectures built from the supported ops keep both pruning oracles.
 
 A drawn program stacks feature maps (all 6x6): conv-bn-relu blocks, residual blocks (conv-bn + add),
-concatenations of two earlier maps, depthwise and grouped convolutions, channel shuffles, and ends in
+concatenations of two earlier maps, depthwise and grouped convolutions, channel shuffles, halves
+taken by chunk, and ends in
 a head that either pools or flattens (H*W = 36 features per channel) into a linear. For each:
 (a) ratio 0 gives bit-identical outputs; (b) pruning random channels at a drawn ratio gives the
 outputs of the original with those channels' parameters zeroed (atol 1e-4, rtol 1e-4).
@@ -55,6 +56,10 @@ class Program(nn.Module):
                 _, src = step
                 self.layers.append(nn.Identity())
                 chans.append(chans[src])
+            elif kind == "chunk":
+                _, src, _part = step
+                self.layers.append(nn.Identity())
+                chans.append(chans[src] // 2)
         self.head_kind = head
         c = chans[-1]
         self.head = nn.Linear(c * 36 if head == "flatten" else c, 5)
@@ -73,6 +78,8 @@ class Program(nn.Module):
                 y = feats[step[1]]
                 n, c, h, w = y.shape
                 feats.append(y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w))
+            elif kind == "chunk":
+                feats.append(feats[step[1]].chunk(2, dim=1)[step[2]])
         y = feats[-1]
         y = y.flatten(1) if self.head_kind == "flatten" else F.adaptive_avg_pool2d(y, 1).flatten(1)
         return self.head(y)
@@ -88,7 +95,7 @@ def programs(draw):
         if len(chans) > 1:
             choices += ["res", "dw", "cat"]
         if any(c % 2 == 0 for c in chans[1:]):
-            choices += ["group", "shuffle"]
+            choices += ["group", "shuffle", "chunk"]
         kind = draw(st.sampled_from(choices))
         if kind == "conv":
             src = draw(st.integers(0, len(chans) - 1))
@@ -111,6 +118,9 @@ def programs(draw):
                 c = 2 * draw(st.integers(1, 4))
                 steps.append(("group", src, c))
                 chans.append(c)
+            elif kind == "chunk":
+                steps.append(("chunk", src, draw(st.integers(0, 1))))
+                chans.append(chans[src] // 2)
             else:
                 steps.append(("shuffle", src))
                 chans.append(chans[src])

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from models import conv_bn_relu_cnn, inverted_residual, mlp, residual_block
@@ -55,10 +54,6 @@ def float_graph(model, x, *extra):
 def assert_same(ref, out):
     ref, out = ref.detach(), out.detach()
     torch.testing.assert_close(out, ref, atol=1e-4 * float(ref.abs().max()), rtol=1e-4)
-
-
-def weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
-    return gm.get_parameter(node.args[1].target) if isinstance(node.args[1].target, str) else None
 
 
 def calls(gm, *targets):
@@ -327,11 +322,15 @@ def test_smooth_quant_folds_into_the_linear_before_a_relu():
     model, x = OutlierMLP().eval(), (torch.randn(2, 32),)
     calib = [torch.randn(16, 32) for _ in range(4)]
     gm, rep = smooth(model, x, calib)
-    assert rep.counts["smoothed inputs"] == 2  # the model input x → fc0 (a mul), relu → fc1 (folded)
-    (line,) = [c for c in rep.changed if c.startswith("relu")]
-    assert "folded into the rows of linear (fc0)" in line
+    assert rep.counts["smoothed inputs"] == 1  # relu → fc1, folded into fc0
+    assert rep.changed[0].startswith("relu") and "folded into the rows of linear (fc0)" in rep.changed[0]
+    assert not calls(gm, aten.mul.Tensor)
+    assert any("no outlier channels in x" in why for _, why in rep.skipped)  # fc0's evenly spread input
+    gm, rep = smooth(model, x, calib, min_spread=0.0)  # smooth it anyway: a mul on the model input
+    assert rep.counts["smoothed inputs"] == 2
     (mul,) = calls(gm, aten.mul.Tensor)
     assert mul.args[0].op == "placeholder"
+    assert_same(model(*x), gm(*x))
     assert_same(model(*x), gm(*x))
     fc0 = calls(gm, aten.linear.default)[0]
     rows = gm.get_parameter(fc0.args[1].target).abs().amax(1)

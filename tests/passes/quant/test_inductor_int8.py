@@ -51,6 +51,16 @@ class LinearResidual(nn.Module):
         return self.fc2(F.relu(self.fc1(x))) + x
 
 
+class LinearPlusConstant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.pos = nn.Parameter(torch.randn(4, 16))
+
+    def forward(self, x):
+        return torch.relu(self.fc(x) + self.pos)
+
+
 def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
     noise = (ref.double() - out.double()).pow(2).sum().clamp(min=1e-30)
     return float(10 * torch.log10(ref.double().pow(2).sum() / noise))
@@ -133,6 +143,21 @@ def test_linear_add_is_reported_not_rewritten():
     assert len(_calls(gm, QUANTIZE_OPS)) == len(_calls(qm, QUANTIZE_OPS))
 
 
+def test_dynamic_linear_plus_input_or_constant_becomes_a_subtraction():
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    for model, root in ((LinearResidual(), "placeholder"), (LinearPlusConstant(), "get_attr")):
+        qm = fxpress.quantize(model.eval(), (x,), config="int8_dynamic", progress=False)
+        gm, result = _laid_out(qm)
+        assert result.report.counts["residuals guarded"] == 1
+        assert not _calls(gm, {aten.add.Tensor, aten.add_.Tensor})
+        (sub,) = _calls(gm, {aten.sub.Tensor})
+        assert sub.args[0].target == aten.linear.default and sub.args[1].target == aten.neg.default
+        assert sub.args[1].args[0].op == root
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), qm(x), rtol=0, atol=0)  # a - (-r) == a + r exactly
+
+
 def test_float_graph_is_untouched():
     model = randomize_bn(ResidualNet()).eval()
     gm = fxpress.capture(model, (torch.randn(2, 3, 16, 16),))
@@ -189,6 +214,23 @@ def test_compiled_int8_lowers_to_onednn_and_matches_eager(quantized):
         x5 = torch.randn(5, 3, 16, 16)
         assert sqnr(qm(x5), compiled(x5)) >= 30
     assert qm.code == code_before  # the user's graph keeps its ONNX layout (Q/DQ before every add)
+
+
+@pytest.mark.skipif(register_inductor_int8_patterns() is not None, reason="inductor's x86 int8 patterns are unavailable")
+@pytest.mark.parametrize("model_cls", [LinearResidual, LinearPlusConstant])
+def test_compiled_dynamic_int8_leaves_inputs_and_weights_alone(model_cls):
+    # inductor's qlinear "sum" fusion accumulates in place into the add's other operand
+    torch.manual_seed(0)
+    model = model_cls().eval()
+    x = torch.randn(4, 16)
+    qm = fxpress.quantize(model, (x,), config="int8_dynamic", progress=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(qm, backend="fxpress", options={"fallback": "raise"})
+    with torch.no_grad():
+        ref, x0 = qm(x), x.clone()
+        outs = [compiled(x) for _ in range(2)]
+    assert torch.equal(x, x0), "the compiled model wrote into its input"
+    assert all(sqnr(ref, out) >= 30 for out in outs)
 
 
 def test_missing_torchao_is_reported(monkeypatch):

@@ -8,8 +8,8 @@ weight-only at most 1 point.
 
 from __future__ import annotations
 
-import copy
 import itertools
+import os
 
 import pytest
 import torch
@@ -234,8 +234,9 @@ def trained_digits(tmp_path_factory):
 
     from fxpress.demo import DigitsCNN, load_digits_tensors, train_digits_cnn
 
-    root = tmp_path_factory.getbasetemp().parent
-    path = root / "fxpress-digits-cnn.pt"
+    # this session's temp root, shared by its xdist workers (never a file left by an earlier run)
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "fxpress-digits-cnn.pt"
     with FileLock(str(path) + ".lock"):
         if not path.exists():
             model, _ = train_digits_cnn(progress=False)

@@ -27,6 +27,7 @@ subtracted explicitly (``_float_output_ops``), and ``quantize_outputs=True`` mus
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import onnx
@@ -38,7 +39,7 @@ from onnx import numpy_helper
 
 import fxpress
 from fxpress import QuantConfig
-from fxpress.backends import OnnxRuntimeModule, count_ops, optimized_op_counts
+from fxpress.backends import count_ops, optimized_op_counts
 from fxpress.passes import PassManager
 
 RTOL = 0.02
@@ -214,7 +215,9 @@ def _trained_digits(tmp_path_factory):
 
     from fxpress.demo import DigitsCNN, load_digits_tensors, train_digits_cnn
 
-    path = tmp_path_factory.getbasetemp().parent / "fxpress-digits-cnn.pt"
+    # this session's temp root, shared by its xdist workers (never a file left by an earlier run)
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "fxpress-digits-cnn.pt"
     with FileLock(str(path) + ".lock"):
         if not path.exists():
             model, _ = train_digits_cnn(progress=False)
