@@ -43,7 +43,7 @@ Preconditions: a graph after ``convert-to-qdq``/``fold-weight-quant`` (integer w
 dequantize ops is left untouched.
 
 ``register_inductor_int8_patterns()`` makes inductor's freezing pass know the x86 int8 patterns at
-all: since torch 2.10 they live in torchao and are registered only as a side effect of importing
+all: in torch 2.14 they live in torchao and are registered only as a side effect of importing
 torchao's ``X86InductorQuantizer``; without them every int8 conv runs as dequantize + float conv.
 """
 
@@ -69,11 +69,13 @@ def register_inductor_int8_patterns() -> str | None:
     """Register the x86 int8 freezing patterns with inductor (once); return why not, or None."""
     if not torch.backends.mkldnn.is_available():
         return "this build of torch has no oneDNN (mkldnn), which inductor's int8 kernels need"
-    try:  # torch ≥ 2.10: the patterns moved to torchao
+    try:  # torch 2.14: the patterns live in torchao
         from torchao.quantization.pt2e.inductor_passes.x86 import _register_quantization_weight_pack_pass
     except ImportError as exc:
         try:  # older torch kept them in inductor
-            from torch._inductor.fx_passes.quantization import _register_quantization_weight_pack_pass  # type: ignore[attr-defined,no-redef]
+            from torch._inductor.fx_passes.quantization import (  # type: ignore[attr-defined,no-redef]
+                _register_quantization_weight_pack_pass,
+            )
         except ImportError:
             return f"torchao is not importable ({exc}); install torchao for inductor's x86 int8 patterns"
     _register_quantization_weight_pack_pass()

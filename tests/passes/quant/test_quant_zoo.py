@@ -28,8 +28,10 @@ which costs 0.1-0.6 s per activation observer on 2 cores (135 observers in regne
 the observers are tested on their own in test_observers.py, and the small models, the digits CNN
 and the ONNX tests use the preset as is.
 
-Bounds: SQNR of the int8 graph vs the float model >= 25 dB (random weights, per-tensor uint8
-activations, 3 calibration batches; measured 29-39 dB). onnxruntime vs the fxpress graph: within
+Bounds: SQNR of the int8 graph vs the float model at least ``MIN_SQNR`` (random weights, per-tensor
+uint8 activations, 3 calibration batches; measured 25-39 dB, the floors sit 5 dB lower). The
+cut-down ConvNeXt is lowest: its error builds up through per-tensor quantized tensors that a
+LayerNorm reads (the pooled features before the head alone cost 4.7 dB). onnxruntime vs the fxpress graph: within
 5% of max |output| (``export_onnx``'s check) and an SQNR against the float model within 1 dB of the
 fxpress graph's: the int8 kernels round a requantization one step apart from the float emulation
 now and then (see test_quant_onnx.py), and in these deeper graphs the flipped steps add up.
@@ -82,6 +84,8 @@ ZOO = {
     "convnext_2stage": _convnext,
     "vit_b_16_2layer": _vit,
 }
+# SQNR floors (dB): 5 dB under what these seeded models measure (35.5, 34.0, 39.0, 25.1, 29.2)
+MIN_SQNR = {"resnet18": 30, "mobilenet_v3_small": 29, "regnet_y_400mf": 34, "convnext_2stage": 20, "vit_b_16_2layer": 24}
 
 
 def sqnr(ref, out) -> float:
@@ -118,7 +122,7 @@ def test_zoo_int8_static_to_onnxruntime(name, tmp_path, record_property):
     with torch.no_grad():
         ref, out = model(x_eval), qm(x_eval)
     s_torch = sqnr(ref, out)
-    assert s_torch >= 25, f"{name}: SQNR {s_torch:.1f} dB"
+    assert s_torch >= MIN_SQNR[name], f"{name}: SQNR {s_torch:.1f} dB"
 
     # onnxruntime: parity with the fxpress graph, accuracy vs float, fusion of every quantized op
     path = tmp_path / f"{name}.onnx"
