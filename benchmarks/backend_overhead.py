@@ -16,7 +16,6 @@ Batch 1, two threads for torch and onnxruntime.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,23 +25,7 @@ import torch
 import fxpress
 from fxpress.backends import OnnxRuntimeModule, export_onnx
 from fxpress.backends.compile_backend import DEFAULT_PASSES
-
-
-def _median_ms(fn, x, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
-
-
-def _interleaved(a, b, x, repeat: int, rounds: int) -> tuple[float, float]:
-    ra, rb = [], []
-    for _ in range(rounds):
-        ra.append(_median_ms(a, x, repeat))
-        rb.append(_median_ms(b, x, repeat))
-    return statistics.median(ra), statistics.median(rb)
+from _measure import interleaved
 
 
 def _timed(fn, n: int = 3) -> float:
@@ -92,7 +75,8 @@ def main() -> None:
         ours(x), plain(x)  # compile
         for _ in range(20):
             ours(x), plain(x)
-        a, b = _interleaved(ours, plain, x, args.repeat, args.rounds)
+        lat = interleaved({"ours": ours, "plain": plain}, x, args.repeat, args.rounds)
+        a, b = lat["ours"], lat["plain"]
         rows.append(("backend=fxpress vs inductor (ms)", a, b))
 
         ort_compiled = torch.compile(model, backend="fxpress", options={"target": "onnxruntime", "ort_threads": 2})
@@ -103,7 +87,8 @@ def main() -> None:
             session = OnnxRuntimeModule(path, intra_op_threads=2)
             for _ in range(20):
                 ort_compiled(x), session(x)
-            a, b = _interleaved(ort_compiled, session, x, args.repeat, args.rounds)
+            lat = interleaved({"ours": ort_compiled, "plain": session}, x, args.repeat, args.rounds)
+            a, b = lat["ours"], lat["plain"]
         rows.append(("target=onnxruntime vs plain ORT session (ms)", a, b))
 
     print(f"{args.model}, batch 1, {torch.get_num_threads()} threads, torch {torch.__version__}")

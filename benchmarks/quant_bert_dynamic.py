@@ -28,7 +28,6 @@ fxpress int8 dynamic at least 2x faster than fp32 (speedup column = fp32 latency
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 
 import fxpress
+from _measure import interleaved, outputs, sqnr
 from fxpress.backends import OnnxRuntimeModule, optimized_op_counts
 
 
@@ -59,33 +59,7 @@ def build_bert(hidden: int, layers: int, heads: int, intermediate: int, seq: int
     return BertLastHidden(BertModel(config, add_pooling_layer=False)).eval()
 
 
-def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    noise = (ref.double() - out.double()).pow(2).sum()
-    return float(10 * torch.log10(ref.double().pow(2).sum() / noise.clamp(min=1e-30)))
 
-
-def median_ms(fn, x, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
-
-
-def interleaved(fns: dict, x, repeat: int, rounds: int) -> dict:
-    results = {k: [] for k in fns}
-    for fn in fns.values():  # warm-up
-        fn(x)
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            results[k].append(median_ms(fn, x, repeat))
-    return {k: statistics.median(v) for k, v in results.items()}
-
-
-def outputs(fn, xs) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([fn(x) for x in xs])
 
 
 def ort_quantize_dynamic(fp32_path: Path, out_path: Path) -> Path:
@@ -173,7 +147,7 @@ def main() -> None:
         for label, tool, path, _ in rows:
             print(f"  {tool:26} {label:38} {kernel_counts(path)}")
         sessions = {(label, tool): OnnxRuntimeModule(path, intra_op_threads=args.threads) for label, tool, path, _ in rows}
-        lat = interleaved(sessions, x, args.repeat, args.rounds)
+        lat = interleaved(sessions, x, args.repeat, args.rounds, warmup=True)
         sizes = {(label, tool): path.stat().st_size / 2**20 for label, tool, path, _ in rows}
         results = []
         for label, tool, _, graph in rows:

@@ -18,7 +18,6 @@ Latency: median of interleaved rounds. Ratios fxpress / peer: ≤ 1.0 is as fast
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,34 +25,8 @@ from pathlib import Path
 import torch
 
 import fxpress
+from _measure import interleaved, outputs, sqnr
 from fxpress.backends import OnnxRuntimeModule, optimized_op_counts
-
-
-def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    noise = (ref.double() - out.double()).pow(2).sum()
-    return float(10 * torch.log10(ref.double().pow(2).sum() / noise.clamp(min=1e-30)))
-
-
-def median_ms(fn, x, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
-
-
-def interleaved(fns: dict, x, repeat: int, rounds: int) -> dict:
-    results = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            results[k].append(median_ms(fn, x, repeat))
-    return {k: statistics.median(v) for k, v in results.items()}
-
-
-def outputs(fn, xs) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([fn(x) for x in xs])
 
 
 def ort_quantize_static(fp32_path: Path, out_path: Path, calib: list[torch.Tensor]) -> Path:

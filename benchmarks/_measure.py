@@ -1,0 +1,38 @@
+"""Measurement helpers shared by the benchmark scripts (run them as `python benchmarks/NAME.py`)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from fxpress.passes.quant.debug import sqnr  # noqa: F401  (one SQNR definition for library and benchmarks)
+
+
+def median_ms(fn, x, repeat: int) -> float:
+    """Median wall time of ``fn(x)`` over ``repeat`` calls, in ms."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def interleaved(fns: dict, x, repeat: int, rounds: int, *, warmup: bool = False) -> dict:
+    """Median over rounds of each function's median latency, rounds interleaved so drift hits all alike."""
+    if warmup:
+        for fn in fns.values():
+            fn(x)
+    results = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            results[k].append(median_ms(fn, x, repeat))
+    return {k: statistics.median(v) for k, v in results.items()}
+
+
+def outputs(fn, xs) -> torch.Tensor:
+    """``fn`` applied to each input, concatenated, without autograd."""
+    with torch.no_grad():
+        return torch.cat([fn(x) for x in xs])
