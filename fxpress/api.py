@@ -42,7 +42,7 @@ def _as_graph(model: Any, example_inputs: Any) -> fx.GraphModule:
             f"{type(model).__name__} is in training mode; call model.eval() before post-training quantization "
             "(batch norm must use its running statistics and be folded)"
         )
-    return capture(model, example_inputs)
+    return capture(model, example_inputs, share_weights=False)
 
 
 def prepare(

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["DigitsCNN", "load_digits_tensors", "train_digits_cnn", "accuracy", "latency_ms", "run_demo", "DemoRow"]
+__all__ = ["DigitsCNN", "load_digits_tensors", "train_digits_cnn", "fit", "accuracy", "latency_ms", "run_demo", "DemoRow"]
 
 
 class DigitsCNN(nn.Module):
@@ -57,25 +57,36 @@ def load_digits_tensors(seed: int = 0, test_fraction: float = 0.2):
 
 def train_digits_cnn(epochs: int = 8, seed: int = 0, progress: bool = True) -> tuple[DigitsCNN, tuple]:
     """Train DigitsCNN; return (model in eval mode, (x_train, y_train, x_test, y_test))."""
-    from tqdm.auto import tqdm
-
     torch.manual_seed(seed)
     data = load_digits_tensors(seed)
-    x_train, y_train = data[0], data[1]
     model = DigitsCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    bar = tqdm(range(epochs), desc="training DigitsCNN", disable=not progress, leave=False)
+    return fit(model, data[0], data[1], epochs=epochs, lr=3e-3, progress=progress, desc="training DigitsCNN"), data
+
+
+def fit(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float = 1e-3, batch_size: int = 64,
+    progress: bool = True, desc: str = "fine-tuning",
+) -> nn.Module:
+    """Train ``model`` (an eager module or a captured/compressed fxpress graph) with Adam and cross
+    entropy in train mode, the learning rate decaying to zero on a cosine; return it in eval mode."""
+    from tqdm.auto import tqdm
+
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    steps = epochs * -(-len(x) // batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
     for _ in bar:
         model.train()
-        order = torch.randperm(len(x_train))
-        for i in range(0, len(order), 64):
-            idx = order[i : i + 64]
-            loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
+        order = torch.randperm(len(x))
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
+            schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    return model.eval(), data
+    return model.eval()
 
 
 def accuracy(fn: Callable, x: torch.Tensor, y: torch.Tensor) -> float:

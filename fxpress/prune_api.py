@@ -15,6 +15,7 @@ like the captured one and exports with ``fxpress.export_onnx``.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -33,7 +34,7 @@ def _graph(model: Any, inputs: tuple) -> fx.GraphModule:
         return copy.deepcopy(model)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected a torch.nn.Module or a captured GraphModule, got {type(model).__name__}")
-    return capture(model, inputs)
+    return capture(model, inputs, share_weights=False)
 
 
 def _ignore_names(model: Any, ignore: Sequence[Any]) -> list[str]:
@@ -136,6 +137,8 @@ def prune(
             step_callback(gm, step)
     merged = _merge(reports, ratio, iterative_steps)
     gm.meta.setdefault("fxpress", {})["prune_report"] = merged
+    if ratio > 0 and not merged.layers:
+        warnings.warn(f"fxpress.prune: {merged.notes[-1]} (see fxpress.prune_report for the frozen groups)", stacklevel=2)
     return gm
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import re
 import warnings
 from typing import Any
@@ -23,6 +24,8 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch.export import Dim
 from torch.utils import _pytree as pytree
+
+from .mode import enable_train_eval
 
 __all__ = ["CaptureError", "capture", "normalize_inputs", "dynamic_dims", "dynamic_shapes_of"]
 
@@ -138,9 +141,22 @@ def _export(model, args, kwargs, dynamic_shapes, strict):
     # Size-oblivious reasoning keeps a sample batch of 1 from being specialized to the constant 1.
     ctx = fx_config.patch(backed_size_oblivious=True) if dynamic_shapes is not None else contextlib.nullcontext()
     args, kwargs = _fresh(args), _fresh(kwargs)
-    with ctx, warnings.catch_warnings():
+    with ctx, warnings.catch_warnings(), _quiet_fake_tensor_log():
         warnings.filterwarnings("ignore", message=".*(training mode|not in eval).*")
         return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_log():
+    # A failing op logs a full traceback at ERROR level before the exception we turn into a
+    # CaptureError; the user gets that error (with the fix), not two screens of torch internals.
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def capture(
@@ -151,12 +167,15 @@ def capture(
     dynamic_batch: bool = True,
     dynamic_shapes: Any = None,
     strict: bool | None = None,
+    share_weights: bool = True,
 ) -> torch.fx.GraphModule:
     """Capture ``model`` called on the sample ``args``/``kwargs`` as an ATen-level GraphModule.
 
     dynamic_batch: make dim 0 of every tensor input dynamic (ignored when ``dynamic_shapes`` is given).
     dynamic_shapes: passed to ``torch.export.export`` as is.
     strict: force strict (True) or non-strict (False) tracing; by default non-strict, then strict.
+    share_weights: the graph uses the model's own parameter and buffer tensors (no copy). False gives
+        it copies, so training or editing the graph in place never changes ``model``.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"capture() takes a torch.nn.Module, got {type(model).__name__}.")
@@ -190,12 +209,25 @@ def capture(
                 if not errors[1:]:
                     _raise_if_eager_fails(model, args, kwargs)
                 continue
-        return _finish(ep, model)
+        gm = _finish(ep, model)
+        return gm if share_weights else _own_weights(gm, model)
     raise CaptureError(
         f"could not capture {type(model).__name__} with torch.export.\n  "
         + "\n  ".join(errors)
         + f"\nHow to fix: {_hint(errors)}"
     )
+
+
+def _own_weights(gm: torch.fx.GraphModule, model: torch.nn.Module) -> torch.fx.GraphModule:
+    """Replace every tensor ``gm`` shares with ``model`` by a copy."""
+    shared = {id(t) for t in (*model.parameters(), *model.buffers())}
+    for name, t in [*gm.named_parameters(), *gm.named_buffers()]:
+        if id(t) in shared:
+            owner_path, _, attr = name.rpartition(".")
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+            copy = t.detach().clone()
+            setattr(owner, attr, torch.nn.Parameter(copy, t.requires_grad) if isinstance(t, torch.nn.Parameter) else copy)
+    return gm
 
 
 def _describe_inputs(args: tuple, kwargs: dict) -> str:
@@ -226,7 +258,8 @@ def _is_dynamic_failure(exc: BaseException) -> bool:
 
 def _finish(ep: torch.export.ExportedProgram, model: torch.nn.Module) -> torch.fx.GraphModule:
     gm = ep.module(check_guards=False)  # our passes and exporters want a plain graph of ATen calls
-    # The unlifted module refuses .train()/.eval(); record the mode it was captured in honestly.
+    # The unlifted module refuses .train()/.eval(); ours switch the ops' mode flags (ir/mode.py).
+    enable_train_eval(gm)
     torch.nn.Module.train(gm, model.training)
     gm.meta["fxpress"] = {"source": type(model).__name__}
     return gm

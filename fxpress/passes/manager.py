@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 
 from ..ir.capture import normalize_inputs
+from ..ir.mode import enable_train_eval
 from ..ir.report import PassReport
 from ..ir.verify import VerificationError, compare_outputs, verify_graph
 from .base import Pass, get_pass
@@ -152,7 +153,7 @@ class PassManager:
             report.iterations = iteration + 1
             if not any_modified:
                 break
-        return gm, report
+        return enable_train_eval(gm), report
 
     @staticmethod
     def _outputs(gm: fx.GraphModule, inputs: tuple) -> Any:

@@ -249,9 +249,11 @@ class ChannelPrune(Pass):
             report.skip(desc, why)
         if not plan_groups:
             if not analysis.prunable:
-                report.note("no prunable channel group: " + _no_group_reason(analysis))
+                why = "no prunable channel group: " + _no_group_reason(analysis)
             else:
-                report.note(f"ratio {self.ratio} removes no channel from the {len(analysis.prunable)} prunable groups")
+                why = f"ratio {self.ratio} removes no channel from the {len(analysis.prunable)} prunable groups"
+            report.note(why)
+            rep.notes.append(why)
             gm.meta.setdefault("fxpress", {}).setdefault("prune_reports", []).append(rep)
             return
         plan = PruningPlan(analysis, {g.leaf: kept for g, kept in plan_groups.items()})

@@ -168,13 +168,33 @@ def test_ignore_keeps_output_channels_of_that_layer():
 def test_no_prunable_group_is_reported_not_raised():
     model = nn.Sequential(nn.Linear(4, 3)).eval()
     args = (torch.randn(2, 4),)
-    pruned = prune(model, args, ratio=0.5)
+    with pytest.warns(UserWarning, match="nothing was pruned: no prunable channel group.*model input"):
+        pruned = prune(model, args, ratio=0.5)
     rep = prune_report(pruned)
     assert rep.params_after == rep.params_before
     assert any("nothing was pruned" in n for n in rep.notes)
     assert torch.equal(_run(pruned, args), model(*args).detach())
     text = channel_groups(model, args).summary()
     assert "0 prunable" in text and "model input" in text
+
+
+def test_bad_model_and_inputs_are_clear_errors():
+    model, args = conv_bn_relu_cnn()
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        prune("resnet18", args)
+    with pytest.raises(Exception, match="example inputs with the shapes"):
+        prune(model, (torch.randn(2, 5),))
+
+
+def test_pruned_model_fine_tunes_without_touching_the_original():
+    model, args = conv_bn_relu_cnn()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned = prune(model, args, ratio=0.5).train()
+    loss = pruned(*args).square().mean()
+    loss.backward()
+    torch.optim.SGD(pruned.parameters(), lr=0.1).step()
+    pruned.eval()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
 def test_exports_to_onnx_with_parity(tmp_path):
