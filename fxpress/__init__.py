@@ -10,9 +10,10 @@ from .backends.compile_backend import compile_reports
 from .backends.compile_backend import register as _register_backend
 from .ir import CaptureError, PassReport, VerificationError, capture
 from .passes import Pass, PassError, PassManager, PassResult, PipelineReport, available_passes, register_pass
-from .passes.prune import ChannelPrune, PruneReport
+from .passes.prune import ChannelPrune, PruneReport, SparsityReport
 from .passes.quant import OpQuant, QuantConfig, TensorSpec
 from .prune_api import channel_groups, prune, prune_report
+from .sparsity_api import sparsify, sparsity_report
 
 __version__ = "0.1.0"
 
@@ -46,4 +47,7 @@ __all__ = [
     "quant_report",
     "quantize",
     "register_pass",
+    "sparsify",
+    "sparsity_report",
+    "SparsityReport",
 ]
