@@ -21,14 +21,16 @@ def median_ms(fn, x, repeat: int) -> float:
 
 
 def interleaved(fns: dict, x, repeat: int, rounds: int, *, warmup: bool = False) -> dict:
-    """Median over rounds of each function's median latency, rounds interleaved so drift hits all alike."""
+    """Median over rounds of each function's median latency. Rounds are interleaved so drift hits all
+    alike, and the order rotates each round so no function always runs first (or right after another)."""
     if warmup:
         for fn in fns.values():
             fn(x)
     results = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            results[k].append(median_ms(fn, x, repeat))
+    names = list(fns)
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            results[k].append(median_ms(fns[k], x, repeat))
     return {k: statistics.median(v) for k, v in results.items()}
 
 

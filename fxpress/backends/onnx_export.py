@@ -198,7 +198,7 @@ def _lower_quantized(gm: fx.GraphModule, quant_options: Any = None) -> tuple[fx.
 
     Static int8: int32 biases (quantize-bias), so DQ→Conv/Gemm→Q groups fuse into QLinearConv/QGemm.
     Dynamic int8 and weight-only linears: ``onnx_quant.LowerQuantizedLinears`` (DynamicQuantizeLinear
-    → MatMulInteger, MatMulNBits). The user's graph is not changed (inductor's int8 lowering wants
+    → MatMulInteger, MatMulNBits); quantized global average pools: ``LowerQuantizedPooling``. The user's graph is not changed (inductor's int8 lowering wants
     the float bias and reference Q/DQ it has).
     """
     from ..passes import PassManager
@@ -214,7 +214,8 @@ def _lower_quantized(gm: fx.GraphModule, quant_options: Any = None) -> tuple[fx.
     lowered = fx.GraphModule(gm, graph)
     torch.nn.Module.train(lowered, gm.training)
     lowered.meta.update(gm.meta)
-    lowered, _ = PassManager(["quantize-bias", onnx_quant.LowerQuantizedLinears(options)], verify=False).run(lowered)
+    passes = ["quantize-bias", onnx_quant.LowerQuantizedLinears(options), onnx_quant.LowerQuantizedPooling()]
+    lowered, _ = PassManager(passes, verify=False).run(lowered)
     translations = onnx_quant.translation_table() if onnx_quant.needs_translations(lowered) else None
     return lowered, translations
 

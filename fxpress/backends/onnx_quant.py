@@ -99,6 +99,7 @@ from ..passes.quant.fold_weight_quant import DEQUANTIZE_OPS
 __all__ = [
     "OnnxQuantOptions",
     "LowerQuantizedLinears",
+    "LowerQuantizedPooling",
     "translation_table",
     "needs_translations",
     "pack_nbits",
@@ -255,7 +256,19 @@ def _define_ops() -> dict[str, Any]:
     def _(x, b_packed, scales, zero_points, bias, K, N, bits, block_size, accuracy_level):
         return x.new_empty((*x.shape[:-1], N))
 
-    lib_ops.update(dynamic_quantize=dynamic_quantize, dynamic_quant_linear=dynamic_quant_linear, matmul_nbits=matmul_nbits)
+    @torch.library.custom_op(f"{NAMESPACE}::global_avg_pool", mutates_args=())
+    def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+        """Mean over the spatial dims (all after the channel dim), kept as size 1: ONNX GlobalAveragePool."""
+        return x.mean(tuple(range(2, x.dim())), keepdim=True)
+
+    @global_avg_pool.register_fake
+    def _(x):
+        return x.new_empty((*x.shape[:2], *[1] * (x.dim() - 2)))
+
+    lib_ops.update(
+        dynamic_quantize=dynamic_quantize, dynamic_quant_linear=dynamic_quant_linear, matmul_nbits=matmul_nbits,
+        global_avg_pool=global_avg_pool,
+    )
     return lib_ops
 
 
@@ -347,7 +360,11 @@ def _translations() -> dict[Any, Callable]:
         w = op.Mul(grouped, op.Cast(op.Reshape(scales, col), to=_FLOAT))
         return op.Reshape(w, op.Shape(input))
 
+    def global_avg_pool(x):
+        return op.GlobalAveragePool(x)
+
     return {
+        _op("global_avg_pool"): global_avg_pool,
         _op("dynamic_quantize"): dynamic_quantize,
         _op("dynamic_quant_linear"): dynamic_quant_linear,
         _op("matmul_nbits"): matmul_nbits,
@@ -547,6 +564,72 @@ class LowerQuantizedLinears(Pass):
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         report.change(f"{node_label(new)}: MatMulNBits ({what}, block {block})", kind="MatMulNBits linears")
+
+
+class LowerQuantizedPooling(Pass):
+    """Global average pooling between a static DQ and Q as ONNX GlobalAveragePool.
+
+    torch.onnx exports ``adaptive_avg_pool2d(x, 1)`` and ``x.mean((2, 3))`` as ReduceMean, which
+    onnxruntime runs in float between a DequantizeLinear and a QuantizeLinear; DQ →
+    GlobalAveragePool → Q it fuses into QLinearGlobalAveragePool. Before / after::
+
+        y = aten.mean.dim(dequantize(q), [2, 3], keepdim=False); y_q = quantize(y, s, z)
+      → y_q = squeeze(quantize(fxpress_onnx.global_avg_pool(dequantize(q)), s, z), [-1, -2])
+
+    Exact: the pooled values are the same, and squeezing size-1 dims commutes with quantization.
+    Not registered as a user pass: it inserts a backend op only ``export_onnx`` consumes.
+    """
+
+    name = "lower-quantized-pooling"
+
+    def run(self, gm: fx.GraphModule, report: PassReport) -> None:
+        _ops()
+        qd = qdq_ops()
+        for node in list(gm.graph.nodes):
+            keepdim = _global_pool_keepdim(node)
+            if keepdim is None:
+                continue
+            x, users = node.args[0], list(node.users)
+            if not _is_call(x, qd.dequantize_per_tensor.default):
+                continue
+            if len(users) != 1 or not _is_call(users[0], qd.quantize_per_tensor.default):
+                report.skip(node_label(node), "its output is not quantized alone (onnxruntime keeps ReduceMean in float)")
+                continue
+            q = users[0]
+            with gm.graph.inserting_before(node):
+                pooled = gm.graph.call_function(_op("global_avg_pool"), (x,))
+            q.replace_input_with(node, pooled)
+            gm.graph.erase_node(node)
+            if not keepdim:
+                rank = len(x.meta["val"].shape)
+                with gm.graph.inserting_after(q):
+                    squeezed = gm.graph.call_function(aten.squeeze.dims, (q, list(range(2, rank))))
+                q.replace_all_uses_with(squeezed, delete_user_cb=lambda user: user is not squeezed)
+            report.change(f"{node_label(pooled)}: GlobalAveragePool", kind="quantized global average pools")
+        if report.changed:
+            gm.graph.lint()
+            gm.recompile()
+            refresh_meta(gm)
+
+
+def _global_pool_keepdim(node: fx.Node) -> bool | None:
+    """keepdim when ``node`` averages over every spatial dim of an N-C-spatial tensor, else None."""
+    if node.target not in (aten.adaptive_avg_pool2d.default, aten.mean.dim) or not isinstance(node.args[0], fx.Node):
+        return None
+    val = node.args[0].meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    rank = val.dim()
+    if rank < 3:
+        return None
+    if node.target is aten.adaptive_avg_pool2d.default and rank == 4:
+        return True if list(node.args[1]) == [1, 1] else None
+    if node.target is aten.mean.dim:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        if dims is not None and sorted(d % rank for d in dims) == list(range(2, rank)):
+            return bool(keepdim)
+    return None
 
 
 def _is_call(node: Any, *targets) -> bool:

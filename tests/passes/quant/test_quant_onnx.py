@@ -205,6 +205,19 @@ def test_weight_only_exports_and_runs(tmp_path):
         torch.testing.assert_close(result.session()(x), qm(x), atol=1e-4, rtol=1e-3)
 
 
+def test_quantized_adaptive_avg_pool_runs_as_qlinear_global_average_pool(tmp_path):
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)
+    ).eval()
+    x = torch.randn(2, 3, 12, 12)
+    qm = fxpress.quantize(model, (x,), calibration=[torch.randn(4, 3, 12, 12) for _ in range(4)], progress=False)
+    result = fxpress.export_onnx(qm, (x,), tmp_path / "gap.onnx", rtol=RTOL)
+    assert "GlobalAveragePool" in count_ops(result.model) and "ReduceMean" not in count_ops(result.model)
+    counts = optimized_op_counts(tmp_path / "gap.onnx")
+    assert counts["QLinearGlobalAveragePool"] == 1 and (counts["QLinearConv"], counts["QGemm"]) == (1, 1)
+    assert any(n.target is aten.adaptive_avg_pool2d.default for n in qm.graph.nodes)  # the user's graph is untouched
+
+
 # ---------------------------------------------------------------------------------------------
 # the digits CNN, trained
 
@@ -239,6 +252,7 @@ def test_digits_cnn_int8_onnx(tmp_path_factory, tmp_path):
     _check_qdq_layout(result.model, report)
     counts = _check_fusion(qm, path, report, quantize_outputs=False)
     assert (counts["QLinearConv"], counts["QGemm"], counts["QLinearAdd"]) == (4, 1, 1)
+    assert counts["QLinearGlobalAveragePool"] == 1 and "ReduceMean" not in counts  # x.mean((2, 3)) runs in int8
     session = result.session()
     acc_ort, acc_torch = accuracy(session, x_test, y_test), accuracy(qm, x_test, y_test)
     assert abs(acc_ort - acc_torch) <= 0.3, f"onnxruntime {acc_ort:.2f}% vs torch graph {acc_torch:.2f}%"
