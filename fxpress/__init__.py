@@ -12,7 +12,9 @@ from .ir import CaptureError, PassReport, VerificationError, capture
 from .passes import Pass, PassError, PassManager, PassResult, PipelineReport, available_passes, register_pass
 from .passes.prune import ChannelPrune, PruneReport, SparsityReport
 from .passes.quant import OpQuant, QuantConfig, TensorSpec
+from .passes.quant.debug import FallbackReport, auto_fallback, compare_nodes, sensitivity
 from .prune_api import channel_groups, prune, prune_report
+from .train import DistillReport, distill, distill_report, freeze_bn, freeze_observers, prepare_qat
 from .sparsity_api import sparsify, sparsity_report
 
 __version__ = "0.1.0"
@@ -21,6 +23,7 @@ _register_backend()
 
 __all__ = [
     "CaptureError",
+    "FallbackReport",
     "OpQuant",
     "Pass",
     "PassError",
@@ -32,21 +35,30 @@ __all__ = [
     "QuantReport",
     "TensorSpec",
     "VerificationError",
+    "auto_fallback",
     "available_passes",
     "calibrate",
     "channel_groups",
     "ChannelPrune",
     "capture",
+    "compare_nodes",
     "compile_reports",
     "convert",
+    "distill",
+    "distill_report",
+    "DistillReport",
+    "freeze_bn",
+    "freeze_observers",
     "export_onnx",
     "prepare",
+    "prepare_qat",
     "prune",
     "prune_report",
     "PruneReport",
     "quant_report",
     "quantize",
     "register_pass",
+    "sensitivity",
     "sparsify",
     "sparsity_report",
     "SparsityReport",

@@ -98,15 +98,27 @@ def _float_passes(gm, inputs, cfg, equalize, smooth_quant, calibration, max_batc
     return gm, report, passes
 
 
-def convert(prepared: fx.GraphModule, *, verify: bool = True) -> fx.GraphModule:
-    """Turn a calibrated prepared graph into the int8 Q/DQ graph (raises if it was never calibrated)."""
+def convert(prepared: fx.GraphModule, *, verify: bool = True, sync: bool = True) -> fx.GraphModule:
+    """Turn a calibrated prepared graph into the int8 Q/DQ graph (raises if it was never calibrated).
+
+    The prepared graph is converted in place (its observers are replaced): convert a
+    ``copy.deepcopy`` of it to keep calibrating or to convert twice.
+    Also takes a graph from ``fxpress.prepare_qat`` (after training): the passes that graph lists
+    in ``meta["fxpress"]["pre_convert"]`` run first. sync: under torch.distributed, reduce the
+    observers' statistics across ranks first, so every rank gets the same qparams (every rank must
+    then call convert).
+    """
     meta = getattr(prepared, "meta", {}).get("fxpress", {})
     if "quant_config" not in meta:
         raise ValueError("convert() takes the graph returned by fxpress.prepare() (after calibration)")
     cfg = meta["quant_config"]
-    passes = [("convert-to-qdq", {"config": cfg}), "fold-weight-quant", "fold-qdq", "eliminate-dead-code"]
+    if sync:
+        from .train.distributed import sync_observers
+
+        sync_observers(prepared)
+    passes = [*meta.get("pre_convert", ()), ("convert-to-qdq", {"config": cfg}), "fold-weight-quant", "fold-qdq", "eliminate-dead-code"]
     if meta.get("bias_correction"):
-        passes.insert(1, "bias-correction")
+        passes.insert(len(meta.get("pre_convert", ())) + 1, "bias-correction")
     try:
         gm, report = PassManager(passes, verify=verify).run(prepared)
     except PassError as exc:
@@ -241,7 +253,7 @@ class QuantReport:
             ops = ", ".join(f"{op} x{n}" for op, n in self.other_float.most_common())
             lines.append(f"other ops run in float (no int8 kernel in fxpress): {ops}")
         else:
-            lines.append("no other compute ops (relus fuse into the int8 op before them)")
+            lines.append("no other compute ops (relu, relu6 and hardtanh fuse into the int8 op before them)")
         q, f = self.weight_bytes
         lines.append(f"weights: {q / 1024:.1f} KiB integer, {f / 1024:.1f} KiB float")
         return "\n".join(lines)

@@ -99,9 +99,11 @@ def _has_attr(gm: torch.nn.Module, target: str) -> bool:
 def prune_unused_attributes(gm: fx.GraphModule) -> list[str]:
     """Delete parameters and buffers that no ``get_attr`` node refers to; return their names."""
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    # tensors of a called submodule (an observer's statistics, a fake-quant's scale) are its own state
+    called = tuple(f"{n.target}." for n in gm.graph.nodes if n.op == "call_module")
     removed = []
     for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-        if name not in used:
+        if name not in used and not name.startswith(called):
             mod, leaf = _resolve(gm, name)
             if hasattr(mod, leaf):
                 delattr(mod, leaf)

@@ -58,7 +58,9 @@ SHARE_OPS = frozenset(
     }
 )
 # elementwise activations int8 kernels fuse into the op before them (the Q after them clips to ≥ 0)
-ACTIVATIONS = frozenset({aten.relu.default, aten.relu_.default})
+# activations int8 kernels fuse into the op before them (observed after the activation): onnxruntime
+# drops a Relu/Clip whose following QuantizeLinear already clips to its range, oneDNN fuses them
+ACTIVATIONS = frozenset({aten.relu.default, aten.relu_.default, aten.relu6.default, aten.hardtanh.default, aten.hardtanh_.default})
 
 
 class SharedObserver(torch.nn.Module):
@@ -101,8 +103,11 @@ class InsertObservers(Pass):
     name = "insert-observers"
     run_after = ("fold-batch-norm", "fold-constants")
 
-    def __init__(self, config: QuantConfig | str | dict | None = None):
+    def __init__(self, config: QuantConfig | str | dict | None = None, through_batch_norm: bool = False):
         self.config = QuantConfig.coerce(config)
+        # QAT with batch norms still in training (prepare_qat(bn="train")): a conv's output is the
+        # batch norm's (folded into the conv at convert), so its observer goes after the batch norm
+        self.through_batch_norm = through_batch_norm
 
     def run(self, gm: fx.GraphModule, report: PassReport) -> None:
         from .observers import make_observer
@@ -129,7 +134,8 @@ class InsertObservers(Pass):
             return plan.name(kind), make_observer(spec.observer, dtype=spec.dtype, symmetric=spec.symmetric, axis=spec.axis, **opts)
 
         # outputs of quantized ops that are observed for every reader ("born" int8)
-        born = {out for node, spec in quantized if spec.mode == "static" for out in [_fused_output(node)]
+        fused_output = lambda node: _fused_output(node, self.through_batch_norm)  # noqa: E731
+        born = {out for node, spec in quantized if spec.mode == "static" for out in [fused_output(node)]
                 if any(u.op != "output" for u in out.users) or (self.config.quantize_outputs and out in outputs)}
 
         def observe_input(tensor: fx.Node, consumer: fx.Node, spec: TensorSpec) -> None:
@@ -171,7 +177,7 @@ class InsertObservers(Pass):
                 continue
             for tensor in _activation_inputs(node):
                 observe_input(tensor, node, spec.activation)
-            out = _fused_output(node)
+            out = fused_output(node)
             if out in born:
                 if out not in plan.observer:
                     plan.observer[out] = observer_for(spec.activation, "act")
@@ -212,8 +218,10 @@ def _activation_inputs(node: fx.Node) -> list[fx.Node]:
     return [a for a in node.args[:2] if isinstance(a, fx.Node)]
 
 
-def _fused_output(node: fx.Node) -> fx.Node:
+def _fused_output(node: fx.Node, through_batch_norm: bool = False) -> fx.Node:
     users = list(node.users)
+    if through_batch_norm and len(users) == 1 and users[0].op == "call_function" and users[0].target == aten.batch_norm.default:
+        node, users = users[0], list(users[0].users)
     if len(users) == 1 and users[0].op == "call_function" and users[0].target in ACTIVATIONS:
         return users[0]
     return node
