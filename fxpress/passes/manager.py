@@ -159,13 +159,16 @@ class PassManager:
     def _outputs(gm: fx.GraphModule, inputs: tuple) -> Any:
         # A graph may update state when run (train-mode batch-norm statistics, counters): checking
         # a pass must not change the model, so buffers are restored after the sample run.
-        saved = [(b, b.clone()) for b in gm.buffers()]
+        # Observers may also replace a buffer by a new tensor (a histogram re-binned wider): the
+        # original objects are put back, not just their values.
+        saved = [(module, name, b, b.clone()) for module in gm.modules() for name, b in module._buffers.items() if b is not None]
         try:
             with torch.no_grad():
                 return gm(*inputs)
         finally:
             with torch.no_grad():
-                for b, copy in saved:
+                for module, name, b, copy in saved:
+                    module._buffers[name] = b
                     b.copy_(copy)
 
     def _check(self, p: Pass, gm, inputs, reference, before) -> None:

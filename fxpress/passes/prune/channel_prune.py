@@ -28,6 +28,8 @@ rms_norm, whose statistics change (the report marks them approximate).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -72,6 +74,12 @@ class PruneReport:
     notes: list[str] = field(default_factory=list)
     steps: int = 1
     plan: PruningPlan | None = field(default=None, repr=False)
+
+    def __deepcopy__(self, memo: dict) -> "PruneReport":
+        # The plan is a read-only record of the analysis of the graph *before* pruning (it holds
+        # that graph's nodes and fake tensors, which cannot be copied); copies share it.
+        fields = {f.name: (self.plan if f.name == "plan" else copy.deepcopy(getattr(self, f.name), memo)) for f in dataclasses.fields(self)}
+        return type(self)(**fields)
 
     @property
     def params_ratio(self) -> float:

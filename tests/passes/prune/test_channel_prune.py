@@ -11,6 +11,8 @@ Oracles (numerics):
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -189,7 +191,10 @@ def test_bad_model_and_inputs_are_clear_errors():
 def test_pruned_model_fine_tunes_without_touching_the_original():
     model, args = conv_bn_relu_cnn()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    pruned = prune(model, args, ratio=0.5).train()
+    pruned = prune(model, args, ratio=0.5)
+    teacher_copy = copy.deepcopy(pruned)  # the report's plan (fake tensors of the old graph) is shared, not copied
+    assert prune_report(teacher_copy).macs_ratio == prune_report(pruned).macs_ratio
+    pruned.train()
     loss = pruned(*args).square().mean()
     loss.backward()
     torch.optim.SGD(pruned.parameters(), lr=0.1).step()

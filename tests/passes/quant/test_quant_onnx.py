@@ -218,6 +218,20 @@ def test_quantized_adaptive_avg_pool_runs_as_qlinear_global_average_pool(tmp_pat
     assert any(n.target is aten.adaptive_avg_pool2d.default for n in qm.graph.nodes)  # the user's graph is untouched
 
 
+def test_relu6_and_hardtanh_fuse_into_the_int8_conv(tmp_path):
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU6(), torch.nn.Conv2d(8, 8, 3, groups=8), torch.nn.Hardtanh(-1.0, 1.0),
+        torch.nn.Conv2d(8, 4, 1),
+    ).eval()
+    x = torch.randn(2, 3, 12, 12)
+    qm = fxpress.quantize(model, (x,), calibration=[torch.randn(4, 3, 12, 12) for _ in range(4)], progress=False)
+    assert "float" not in str(fxpress.quant_report(qm)).split("weights:")[0]
+    fxpress.export_onnx(qm, (x,), tmp_path / "clip.onnx", rtol=RTOL)
+    counts = optimized_op_counts(tmp_path / "clip.onnx")
+    # the last conv returns a float model output, so onnxruntime keeps it float (quantize_outputs=False)
+    assert counts["QLinearConv"] == 2 and "Clip" not in counts, dict(counts)
+
+
 # ---------------------------------------------------------------------------------------------
 # the digits CNN, trained
 
