@@ -274,11 +274,21 @@ def _quant_mode(node: fx.Node) -> str:
     acts_q = bool(acts) and all(_is_dq(a) for a in acts)
     if acts_q and (weight_q or not weighted):
         dynamic = isinstance(acts[0].args[1], fx.Node) and acts[0].args[1].op != "get_attr"
-        return "int8 dynamic" if dynamic else "int8 static"
+        a_bits = max(_bits(a) for a in acts)
+        w_bits = _bits(node.args[1]) if weighted else a_bits
+        width = f"int{a_bits}" if w_bits == a_bits else f"w{w_bits}a{a_bits}"
+        return f"{width} {'dynamic' if dynamic else 'static'}"
     if weight_q:
-        grouped = node.args[1].target == qdq_ops().dequantize_per_channel_group.default
-        return "weight-only int4" if grouped else "weight-only int8"
+        return f"weight-only int{_bits(node.args[1])}"
     return "float"
+
+
+def _bits(dq: fx.Node) -> int:
+    """Bit width of a dequantize's integer range (quant_min/quant_max follow the axis for per-channel ops)."""
+    qd = qdq_ops()
+    first = 4 if dq.target == qd.dequantize_per_channel.default else 3
+    qmin, qmax = dq.args[first], dq.args[first + 1]
+    return max(1, int(qmax) - int(qmin)).bit_length()
 
 
 def _quant_mode_or_float(node: fx.Node) -> str:

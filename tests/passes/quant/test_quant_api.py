@@ -170,6 +170,8 @@ def test_a_captured_graph_is_not_modified_and_can_be_quantized_twice():
     assert gm.code == code and not hasattr(gm, OBSERVER_ROOT)
     assert fxpress.quant_report(q8).per_kind["conv"]["int8 static"] == 3
     assert fxpress.quant_report(q4).per_kind["conv"]["weight-only int8"] == 3
+    w4 = fxpress.QuantConfig(default=fxpress.OpQuant("static", fxpress.TensorSpec(), fxpress.TensorSpec(dtype=torch.int8, symmetric=True, axis=0, bits=4, observer="minmax")))
+    assert fxpress.quant_report(fxpress.quantize(gm, args, calibration=data, config=w4, progress=False)).per_kind["conv"]["w4a8 static"] == 3
     with pytest.raises(ValueError, match="already prepared or quantized"):
         fxpress.quantize(q8, args, calibration=data, progress=False)
 
