@@ -16,6 +16,9 @@ from .passes.quant.debug import FallbackReport, auto_fallback, compare_nodes, se
 from .prune_api import channel_groups, prune, prune_report
 from .train import DistillReport, distill, distill_report, freeze_bn, freeze_observers, prepare_qat
 from .sparsity_api import sparsify, sparsity_report
+from .recipe import Decompose, Distill, FineTune, Prune, Quantize, Recipe, RecipeError, RecipeResult, Sparsify
+from .report import CompressionReport
+from .serialize import FormatVersionError, UnsafeFileError, load, load_weights, read_metadata, save, save_weights
 
 __version__ = "0.1.0"
 
@@ -62,4 +65,21 @@ __all__ = [
     "sparsify",
     "sparsity_report",
     "SparsityReport",
+    "CompressionReport",
+    "Decompose",
+    "Distill",
+    "FineTune",
+    "FormatVersionError",
+    "Prune",
+    "Quantize",
+    "Recipe",
+    "RecipeError",
+    "RecipeResult",
+    "Sparsify",
+    "UnsafeFileError",
+    "load",
+    "load_weights",
+    "read_metadata",
+    "save",
+    "save_weights",
 ]
