@@ -89,7 +89,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
-from ..ir.graph import add_constant, get_attr_value, node_label
+from ..ir.graph import add_constant, get_attr_value, global_pool_keepdim, node_label
 from ..ir.report import PassReport
 from ..ir.verify import refresh_meta
 from ..passes.base import Pass
@@ -586,7 +586,7 @@ class LowerQuantizedPooling(Pass):
         _ops()
         qd = qdq_ops()
         for node in list(gm.graph.nodes):
-            keepdim = _global_pool_keepdim(node)
+            keepdim = global_pool_keepdim(node)
             if keepdim is None:
                 continue
             x, users = node.args[0], list(node.users)
@@ -610,26 +610,6 @@ class LowerQuantizedPooling(Pass):
             gm.graph.lint()
             gm.recompile()
             refresh_meta(gm)
-
-
-def _global_pool_keepdim(node: fx.Node) -> bool | None:
-    """keepdim when ``node`` averages over every spatial dim of an N-C-spatial tensor, else None."""
-    if node.target not in (aten.adaptive_avg_pool2d.default, aten.mean.dim) or not isinstance(node.args[0], fx.Node):
-        return None
-    val = node.args[0].meta.get("val")
-    if not isinstance(val, torch.Tensor):
-        return None
-    rank = val.dim()
-    if rank < 3:
-        return None
-    if node.target is aten.adaptive_avg_pool2d.default and rank == 4:
-        return True if list(node.args[1]) == [1, 1] else None
-    if node.target is aten.mean.dim:
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-        if dims is not None and sorted(d % rank for d in dims) == list(range(2, rank)):
-            return bool(keepdim)
-    return None
 
 
 def _is_call(node: Any, *targets) -> bool:

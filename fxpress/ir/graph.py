@@ -25,7 +25,10 @@ __all__ = [
     "op_name",
     "is_pure",
     "input_nodes",
+    "global_pool_keepdim",
 ]
+
+aten = torch.ops.aten
 
 
 def _resolve(root: torch.nn.Module, qualname: str) -> tuple[torch.nn.Module, str]:
@@ -163,3 +166,23 @@ def is_pure(node: fx.Node) -> bool:
 def iter_calls(gm: fx.GraphModule, targets: Iterable[Any]) -> list[fx.Node]:
     targets = set(targets)
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in targets]
+
+
+def global_pool_keepdim(node: fx.Node) -> bool | None:
+    """keepdim when ``node`` averages over every spatial dim of an N-C-spatial tensor, else None."""
+    if node.target not in (aten.adaptive_avg_pool2d.default, aten.mean.dim) or not isinstance(node.args[0], fx.Node):
+        return None
+    val = node.args[0].meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    rank = val.dim()
+    if rank < 3:
+        return None
+    if node.target is aten.adaptive_avg_pool2d.default and rank == 4:
+        return True if list(node.args[1]) == [1, 1] else None
+    if node.target is aten.mean.dim:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        if dims is not None and sorted(d % rank for d in dims) == list(range(2, rank)):
+            return bool(keepdim)
+    return None

@@ -164,7 +164,8 @@ def _is_graph(m: Any) -> bool:
 def _shape(node: fx.Node) -> tuple | None:
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor) and val.is_floating_point():
-        return tuple(val.shape)
+        # plain values: a symbolic size (the dynamic batch) as its name, so reports stay copyable
+        return tuple(int(d) if isinstance(d, int) else str(d) for d in val.shape)
     return None
 
 

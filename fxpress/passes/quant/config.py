@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ...ir.graph import global_pool_keepdim
+
 
 __all__ = ["TensorSpec", "OpQuant", "QuantConfig", "OP_KINDS", "op_kind", "PRESETS", "MODES"]
 
@@ -55,6 +57,8 @@ def op_kind(node: fx.Node) -> str | None:
     for kind, targets in OP_KINDS.items():
         if node.target in targets:
             return kind
+    if node.target is aten.mean.dim and global_pool_keepdim(node) is not None:
+        return "avg_pool"  # x.mean((2, 3)): global average pooling written as a mean
     return None
 
 
