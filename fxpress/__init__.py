@@ -15,6 +15,8 @@ from .passes.quant import OpQuant, QuantConfig, TensorSpec
 from .passes.quant.debug import FallbackReport, auto_fallback, compare_nodes, sensitivity
 from .prune_api import channel_groups, prune, prune_report
 from .train import DistillReport, distill, distill_report, freeze_bn, freeze_observers, prepare_qat
+from .decompose_api import decompose, decompose_report
+from .passes.decompose import DecomposeReport
 from .sparsity_api import sparsify, sparsity_report
 from .recipe import Decompose, Distill, FineTune, Prune, Quantize, Recipe, RecipeError, RecipeResult, Sparsify
 from .report import CompressionReport
@@ -52,6 +54,9 @@ __all__ = [
     "DistillReport",
     "freeze_bn",
     "freeze_observers",
+    "decompose",
+    "decompose_report",
+    "DecomposeReport",
     "export_onnx",
     "prepare",
     "prepare_qat",

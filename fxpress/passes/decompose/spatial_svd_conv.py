@@ -1,0 +1,151 @@
+"""spatial-svd-conv: a kh x kw convolution becomes a kh x 1 one followed by a 1 x kw one.
+
+Before::
+
+    y = aten.conv2d(x, W[Co, Ci/g, kh, kw], b, [sh, sw], [ph, pw], [dh, dw], g)
+
+After (rank r per group)::
+
+    t = aten.conv2d(x, V[g*r, Ci/g, kh, 1], None, [sh, 1], [ph, 0], [dh, 1], g)
+    y = aten.conv2d(t, H[Co, r, 1, kw], b, [1, sw], [0, pw], [1, dw], g)
+
+Per group, the kernel is unfolded to ``M[(i, h), (o, w)] = W[o, i, h, w]`` and ``M ~ U_r S_r V_r^T``:
+``V[r, i, h] = (U_r sqrt(S_r))[(i, h), r]`` and ``H[o, r, w] = (sqrt(S_r) V_r^T)[r, (o, w)]``; then
+``sum_r V[r, i, h] H[o, r, w]`` is the rank-r approximation of ``W[o, i, h, w]`` (Jaderberg et al. 2014,
+AIMET's spatial SVD). Stride, padding and dilation split by axis, so any of them (and "same"/"valid"
+string padding, grouped convolutions, bias or none) keep their meaning: the first convolution has no
+bias, so the zero padding of its output in width equals the zero padding of the input. An even
+kernel's asymmetric "same" padding becomes the larger side on both and a slice of the extra row/column.
+
+Cheaper when ``r * (Ci*kh + Co*kw) < Co*Ci*kh*kw`` per group (MACs: the first runs at H_out x W_in).
+1x1 and already separable (kh or kw = 1) kernels are left alone.
+
+Numerics: at full rank ``min(Ci*kh, Co*kw)`` the composition equals the convolution up to float
+rounding; at rank r the relative weight error is ``sqrt(sum_{i>r} s_i^2 / sum s_i^2)`` over all groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..base import register_pass
+from .activations import LayerInputs
+from .common import DecomposePass
+from .layers import Layer
+from .ops import Factorization, padded_conv
+from .ranks import energy_rank, evbmf_rank, rank_grid, round_rank, singular_values, svd
+
+__all__ = ["SpatialSvdConv"]
+
+
+@dataclass
+class SpatialAnalysis:
+    """The unfolded kernels and their singular values; vectors only when a rank is decomposed
+    (a rank search over a whole model needs the spectra of every layer, the vectors of few)."""
+
+    M: list[torch.Tensor]
+    s: list[torch.Tensor]
+    total: float
+
+    def merged_s(self) -> torch.Tensor:
+        """The groups' singular values pooled and sorted (energy over the whole layer)."""
+        return torch.cat(self.s).sort(descending=True).values
+
+
+def _unfold(W: torch.Tensor) -> torch.Tensor:
+    co, ci, kh, kw = W.shape
+    return W.permute(1, 2, 0, 3).reshape(ci * kh, co * kw)
+
+
+@register_pass
+class SpatialSvdConv(DecomposePass):
+    """kh x kw -> (kh x 1, 1 x kw) by SVD of the unfolded kernel: see the module docstring."""
+
+    name = "spatial-svd-conv"
+    method = "spatial-svd"
+    kinds = ("conv2d",)
+
+    def applicable(self, layer: Layer) -> str | None:
+        kh, kw = layer.kernel
+        if kh == 1 and kw == 1:
+            return "1x1 kernel: nothing to split spatially (tucker-conv decomposes 1x1 convolutions)"
+        if kh == 1 or kw == 1:
+            return f"{kh}x{kw} kernel is already separable"
+        return None
+
+    def _groups(self, layer: Layer) -> list[torch.Tensor]:
+        return list(layer.weight.detach().double().chunk(layer.groups, 0))
+
+    def analyze(self, layer: Layer, inputs: LayerInputs | None) -> SpatialAnalysis:
+        Ms = [_unfold(Wg) for Wg in self._groups(layer)]
+        S = [singular_values(M) for M in Ms]
+        total = float(sum((M**2).sum() for M in Ms))
+        return SpatialAnalysis(Ms, S, total)
+
+    def full_rank(self, layer: Layer) -> int:
+        kh, kw = layer.kernel
+        g = layer.groups
+        return min(layer.in_features // g * kh, layer.out_features // g * kw)
+
+    def normalize_rank(self, layer: Layer, rank: Any) -> int:
+        if isinstance(rank, (tuple, list)):
+            rank = rank[0]
+        return round_rank(int(rank), self.full_rank(layer), self.round_to)
+
+    def candidates(self, layer: Layer) -> list[int]:
+        return rank_grid(self.full_rank(layer), self.round_to)
+
+    def cost(self, layer: Layer, rank: int) -> tuple[int, int]:
+        kh, kw = layer.kernel
+        g, ci, co = layer.groups, layer.in_features // layer.groups, layer.out_features
+        bias = layer.bias.numel() if layer.bias is not None else 0
+        params = g * rank * ci * kh + co * rank * kw + bias
+        (ho, wo), (_, wi) = layer.out_hw, layer.in_hw
+        n = layer.batch
+        macs = n * ho * wi * g * rank * ci * kh + n * ho * wo * co * rank * kw
+        return params, macs
+
+    def energy_rank(self, layer: Layer, a: SpatialAnalysis, energy: float) -> int:
+        r = max(energy_rank(s, energy) for s in a.s)
+        return round_rank(r, self.full_rank(layer), self.round_to)
+
+    def evbmf_rank(self, layer: Layer, a: SpatialAnalysis) -> tuple[int, list[str]]:
+        r = max(evbmf_rank(M, s) for M, s in zip(a.M, a.s))
+        notes = ["EVBMF found no signal above the noise estimate; rank 1"] if r == 1 else []
+        return round_rank(r, self.full_rank(layer), self.round_to), notes
+
+    def predicted_error(self, layer: Layer, a: SpatialAnalysis, rank: int) -> float:
+        if a.total <= 0:
+            return 0.0
+        tail = sum(float((s[rank:] ** 2).sum()) for s in a.s)
+        return (tail / a.total) ** 0.5
+
+    def factorize(self, layer: Layer, rank: int, a: SpatialAnalysis) -> Factorization:
+        kh, kw = layer.kernel
+        g = layer.groups
+        ci, co = layer.in_features // g, layer.out_features // g
+        verts, horis = [], []
+        for M in a.M:
+            u, s, vh = svd(M)
+            root = s[:rank].sqrt()
+            vert = (u[:, :rank] * root).T.reshape(rank, ci, kh, 1)           # [r, ci, kh, 1]
+            hori = (root[:, None] * vh[:rank]).reshape(rank, co, kw)        # [r, co, kw]
+            verts.append(vert)
+            horis.append(hori.permute(1, 0, 2).reshape(co, rank, 1, kw))    # [co, r, 1, kw]
+        V, H = torch.cat(verts), torch.cat(horis)
+        W = layer.weight.detach().double()
+        W_hat = torch.cat([
+            torch.einsum("rih,orw->oihw", V[j * rank:(j + 1) * rank, :, :, 0], H[j * co:(j + 1) * co, :, 0, :]) for j in range(g)
+        ])
+        err = ((W_hat - W).norm() / W.norm()).item() if W.norm() > 0 else 0.0
+        dtype = layer.weight.dtype
+        pads_h, pads_w = layer.pads()
+        (sh, sw), (dh, dw) = layer.stride, layer.dilation
+        ops = [
+            *padded_conv(V.to(dtype), None, (sh, 1), pads_h, (0, 0), (dh, 1), g, out_hw=layer.mid_hw()),
+            *padded_conv(H.to(dtype), layer.bias, (1, sw), (0, 0), pads_w, (1, dw), g, out_hw=layer.out_hw, bias_node=layer.bias_node),
+        ]
+        return Factorization(self.method, rank, ops, weight_error=err)
