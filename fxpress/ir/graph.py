@@ -56,10 +56,13 @@ def set_attr_value(gm: torch.nn.Module, target: str, value: torch.Tensor, *, par
     old = getattr(mod, leaf, None)
     if parameter is None:
         parameter = isinstance(old, torch.nn.Parameter) or old is None
+    # a replaced parameter keeps its trainability (fine-tuning after folding or pruning trains it);
+    # a new one is trainable
+    trainable = old.requires_grad if isinstance(old, torch.nn.Parameter) else True
     if hasattr(mod, leaf):
         delattr(mod, leaf)
     if parameter and value.is_floating_point():
-        mod.register_parameter(leaf, torch.nn.Parameter(value.detach(), requires_grad=False))
+        mod.register_parameter(leaf, torch.nn.Parameter(value.detach(), requires_grad=trainable))
     else:
         mod.register_buffer(leaf, value.detach())
 
