@@ -142,7 +142,7 @@ def export_onnx(
         raise ValueError(
             f"export_onnx exports inference graphs, but this graph runs {', '.join(training[:5])}"
             f"{' ...' if len(training) > 5 else ''} in training mode (batch statistics / random dropout), which "
-            "ONNX inference cannot reproduce. Call .eval() on it first (captured and compressed fxpress graphs support .train()/.eval())."
+            "ONNX inference cannot reproduce. Call model.eval() first (captured and compressed fxpress graphs support .train()/.eval() too)."
         )
     gm, translations = _lower_quantized(gm, quant_options)
     opset = _choose_opset(gm, opset)
