@@ -5,14 +5,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def digits():
     """(trained DigitsCNN in eval mode, example inputs, calibration batches, labelled train batches, test x, test y)."""

@@ -2,15 +2,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _one_thread():
-    """One thread: these tests train small models, and on a shared 2-core machine extra threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def digits():
     """A trained digits CNN (eval mode) and its data: (model, (x_train, y_train, x_test, y_test))."""

@@ -34,7 +34,7 @@ from ..base import Pass
 from .activations import LayerInputs, collect_inputs
 from .layers import Layer, find_layers
 from .ops import Factorization, emit
-from .ranks import solver_context, validate_rule
+from .ranks import rank_grid, round_rank, solver_context, validate_rule
 
 __all__ = ["DecomposePass", "LayerRecord", "RECORDS", "format_ranks", "resolve_plan_key"]
 
@@ -162,12 +162,14 @@ class DecomposePass(Pass):
         raise NotImplementedError
 
     def normalize_rank(self, layer: Layer, rank: Any) -> Any:
-        """A user's int/tuple rank clamped to what the layer allows."""
-        raise NotImplementedError
+        """A user's int/tuple rank clamped to what the layer allows (default: one rank, rounded)."""
+        if isinstance(rank, (tuple, list)):
+            rank = rank[0]
+        return round_rank(int(rank), self.full_rank(layer), self.round_to)
 
     def candidates(self, layer: Layer) -> list[Any]:
-        """Ranks a ratio search walks (rounded per ``round_to``)."""
-        raise NotImplementedError
+        """Ranks a ratio search walks (rounded per ``round_to``; default: one rank)."""
+        return rank_grid(self.full_rank(layer), self.round_to)
 
     def cost(self, layer: Layer, rank: Any) -> tuple[int, int]:
         """(params, MACs) of the decomposed layer at ``rank``, analytically."""

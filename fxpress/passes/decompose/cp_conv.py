@@ -41,7 +41,6 @@ from .activations import LayerInputs
 from .common import DecomposePass
 from .layers import Layer
 from .ops import Conv, Factorization, padded_conv
-from .ranks import rank_grid
 from .tucker_conv import TuckerAnalysis, TuckerConv
 
 __all__ = ["CpConv"]
@@ -105,9 +104,6 @@ class CpConv(DecomposePass):
     def normalize_rank(self, layer: Layer, rank: Any) -> int:
         r = rank[0] if isinstance(rank, (tuple, list)) else rank
         return max(1, int(r))
-
-    def candidates(self, layer: Layer) -> list[int]:
-        return rank_grid(self.full_rank(layer), self.round_to)
 
     def cost(self, layer: Layer, rank: int) -> tuple[int, int]:
         return cp_cost(layer, rank)

@@ -36,7 +36,7 @@ from .activations import LayerInputs
 from .common import DecomposePass
 from .layers import Layer
 from .ops import Factorization, padded_conv
-from .ranks import energy_rank, evbmf_rank, rank_grid, round_rank, singular_values, svd
+from .ranks import energy_rank, evbmf_rank, round_rank, singular_values, svd
 
 __all__ = ["SpatialSvdConv"]
 
@@ -89,14 +89,6 @@ class SpatialSvdConv(DecomposePass):
         kh, kw = layer.kernel
         g = layer.groups
         return min(layer.in_features // g * kh, layer.out_features // g * kw)
-
-    def normalize_rank(self, layer: Layer, rank: Any) -> int:
-        if isinstance(rank, (tuple, list)):
-            rank = rank[0]
-        return round_rank(int(rank), self.full_rank(layer), self.round_to)
-
-    def candidates(self, layer: Layer) -> list[int]:
-        return rank_grid(self.full_rank(layer), self.round_to)
 
     def cost(self, layer: Layer, rank: int) -> tuple[int, int]:
         kh, kw = layer.kernel

@@ -33,7 +33,7 @@ from .activations import LayerInputs
 from .common import DecomposePass
 from .layers import Layer
 from .ops import Factorization, Linear
-from .ranks import energy_rank, evbmf_rank, rank_grid, round_rank, singular_values, svd
+from .ranks import energy_rank, evbmf_rank, round_rank, singular_values, svd
 
 __all__ = ["SvdLinear", "svd_analysis"]
 
@@ -122,14 +122,6 @@ class SvdLinear(DecomposePass):
 
     def full_rank(self, layer: Layer) -> int:
         return min(layer.out_features, layer.in_features)
-
-    def normalize_rank(self, layer: Layer, rank: Any) -> int:
-        if isinstance(rank, (tuple, list)):
-            rank = rank[0]
-        return round_rank(int(rank), self.full_rank(layer), self.round_to)
-
-    def candidates(self, layer: Layer) -> list[int]:
-        return rank_grid(self.full_rank(layer), self.round_to)
 
     def cost(self, layer: Layer, rank: int) -> tuple[int, int]:
         i, o = layer.in_features, layer.out_features

@@ -37,14 +37,6 @@ aten = torch.ops.aten
 FLOAT_PREP = ["fold-constants", "fold-batch-norm", "eliminate-dead-code"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def float_graph(model, x, *extra):
     gm = capture(model, x)
     gm, report = PassManager([*FLOAT_PREP, *extra]).run(gm, x)  # verify=True: exact passes are checked

@@ -35,15 +35,6 @@ CONFIGS = {  # name: (dtype, symmetric)
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread, so OpenMP spin-waiting on a busy machine does not slow the suite 4x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fq_mse(qp, x):
     return float(((qp.fake_quantize(x) - x) ** 2).mean())
 

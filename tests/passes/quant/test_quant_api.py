@@ -22,14 +22,6 @@ from fxpress.passes.quant.insert_observers import OBSERVER_ROOT
 from fxpress.passes.quant.observers import CalibrationError, Observer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _observers(p) -> list[Observer]:
     return [m for m in getattr(p, OBSERVER_ROOT).children() if isinstance(m, Observer)]
 

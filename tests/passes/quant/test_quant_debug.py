@@ -31,14 +31,6 @@ PER_TENSOR = QuantConfig(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class FourLayers(nn.Module):
     def __init__(self, d=32):
         super().__init__()

@@ -38,15 +38,6 @@ Q_C, DQ_C = qd.quantize_per_channel.default, qd.dequantize_per_channel.default
 CONV, LINEAR = aten.conv2d.default, aten.linear.default
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread, so two xdist workers on two cores do not spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------
 # helpers
 
