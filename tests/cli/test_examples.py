@@ -37,3 +37,20 @@ def test_onnx_export_example(tmp_path):
     assert (tmp_path / "r18.onnx").stat().st_size > 40_000_000  # resnet18's 11.7M float weights
     diff = float(next(line for line in out.splitlines() if "batch of 4" in line).split()[-1])
     assert diff <= 1e-4
+
+
+@pytest.mark.slow
+def test_qat_example(tmp_path):
+    out = _run("qat.py", cwd=tmp_path)
+    rows = {line[:34].strip(): line[34:].split() for line in out.splitlines() if line.startswith(("float", "PTQ int8", "QAT int8"))}
+    ptq, qat = float(rows["PTQ int8 (onnxruntime)"][0]), float(rows["QAT int8 (onnxruntime)"][0])
+    assert qat >= ptq - 0.3 and "QLinearConv" in " ".join(rows["QAT int8 (onnxruntime)"])
+
+
+@pytest.mark.slow
+def test_decompose_example(tmp_path):
+    out = _run("decompose.py", cwd=tmp_path)
+    assert "budget params <= 0.5: met" in out
+    acc = {line.split(":")[0]: float(line.split(":")[1].split("%")[0]) for line in out.splitlines()
+           if line.startswith(("trained:", "fine-tuned:", "int8 onnxruntime:"))}
+    assert acc["fine-tuned"] >= acc["trained"] - 1.0 and acc["int8 onnxruntime"] >= acc["fine-tuned"] - 1.0
