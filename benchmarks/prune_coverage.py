@@ -3,9 +3,12 @@ transformers, pruned at ratio 0.5 by fxpress and by Torch-Pruning, side by side 
 
     python benchmarks/prune_coverage.py [--jobs 2] [--models resnet18 vit_b_16 ...] [--resume]
     python benchmarks/prune_coverage.py --render        # only re-write the table from the .jsonl
+    python benchmarks/prune_coverage.py --readme        # print the compact table for the README
 
-Every (model, tool) pair runs in its own subprocess with a timeout, so a crash, a hang or an
-out-of-memory kill becomes a table row instead of ending the run; each worker writes its partial
+Every (model, tool) pair runs in its own subprocess with a timeout and a resident-memory cap
+(--max-rss-gb; Torch-Pruning's graph build on swin grows past 17 GB, and the kernel's OOM killer
+could otherwise pick another process), so a crash, a hang or a memory blow-up becomes a table row
+instead of ending the run; each worker writes its partial
 result after every stage, so a timeout still says how far it got. Pairs are scheduled fxpress, TP,
 fxpress, TP, ... on ``--jobs`` slots (one torch thread each), so both tools see the same load.
 
@@ -446,6 +449,7 @@ def main() -> None:
     ap.add_argument("--skip-big", action="store_true", help="mark the BIG models 'skipped: time' instead of running them")
     ap.add_argument("--resume", action="store_true", help="keep results already in the .jsonl")
     ap.add_argument("--render", action="store_true", help="only render the Markdown table from the .jsonl")
+    ap.add_argument("--readme", action="store_true", help="print the compact table for the README from the .jsonl")
     ap.add_argument("--out", type=Path, default=RESULTS / "prune_coverage.md")
     ap.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "prune_coverage_logs")
     # worker mode
@@ -460,6 +464,9 @@ def main() -> None:
     jsonl = args.out.with_suffix(".jsonl")
     if args.render:
         write_table(load_results(jsonl), args.out)
+        return
+    if args.readme:
+        print(readme_table(load_results(jsonl)))
         return
     models = args.models or all_models()
     results = load_results(jsonl) if args.resume else {}
@@ -521,6 +528,36 @@ def fx_status(r: dict) -> str:
     if r.get("status") == "ok":
         return "ok"
     return _short(r.get("error", r.get("status", "?")), 70)
+
+
+def _short_kind(k: str) -> str:
+    k = k.replace("no channel rule for ", "no rule: ").replace(" does not map dim of its ", " fixes its ")
+    return k.replace("aten.", "")
+
+
+def readme_table(results: dict) -> str:
+    """Model, input, MACs and params ratios, frozen groups (beyond I/O, with the main reason), TP's result."""
+    order = {m: i for i, m in enumerate(all_models())}
+    models = sorted({m for m, _ in results}, key=lambda m: order.get(m, 10**6))
+    rows = ["| model | input | MACs | params | frozen groups | ONNX | Torch-Pruning MACs |", "|---|---|---:|---:|---|---|---:|"]
+    for m in models:
+        a, b = results.get((m, "fx"), {}), results.get((m, "tp"), {})
+        if "frozen_non_io" in a:
+            kinds = a.get("frozen_kinds") or []
+            frozen = str(a["frozen_non_io"]) + (f" ({_short_kind(kinds[0][0])})" if kinds else "")
+        else:
+            frozen = "-"
+        if b.get("status") == "ok":
+            tpm = _f(b.get("macs_ratio")) + ("" if b.get("shape_ok") else " (output shape changed)")
+        else:
+            st = b.get("status", "-")
+            tpm = {"error": "crash", "memory": "memory blow-up", "timeout": "timeout", "killed": "killed"}.get(st, st)
+            if st == "error":
+                tpm += f" ({b.get('error', '').split(':')[0]})"
+        onnx = "ok" if a.get("onnx") == "ok" else ("fail" if a.get("onnx") else "-")
+        rows.append(f"| {m} | {(a.get('input') or '').split(' (')[0]} | {_f(a.get('macs_ratio'))} | {_f(a.get('params_ratio'))} | "
+                    f"{frozen} | {onnx} | {tpm} |")
+    return "\n".join(rows)
 
 
 def write_table(results: dict, path: Path) -> None:
