@@ -11,7 +11,8 @@ and epochs: fine-tuning is ``distill(..., alpha=0.0)`` (the hard-label loss alon
 distills from the images alone, without their labels.
 
 ``--check DIR``: the small deterministic workload the tests run under two processes and compare with
-one process on the same data: PTQ calibration + convert, then QAT + distillation + convert; rank 0
+one process on the same data: PTQ calibration + convert, reconstruction of a pruned student, then
+QAT + distillation + convert; rank 0
 saves what it got to DIR/result.pt.
 """
 
@@ -154,6 +155,9 @@ def equivalence_run() -> dict:
     prepared = fxpress.prepare(teacher, (sample,), "int8_static", verify=False)
     fxpress.calibrate(prepared, [x for x, _ in mine[:4]], progress=False)
     ptq = fxpress.convert(prepared, verify=False)
+    # reconstruction of a pruned student: the ranks' normal equations are summed, so all solve the full system
+    pruned = fxpress.prune(teacher, (sample,), ratio=0.5)
+    fxpress.reconstruct(pruned, teacher, [x for x, _ in mine[:4]], progress=False)
     # QAT: min/max activation ranges (reduced exactly by MIN/MAX), distilled with DDP
     minmax = QuantConfig.preset("int8_static").with_default(activation=TensorSpec(observer="minmax"))
     qat = fxpress.prepare_qat(teacher, (sample,), minmax, calibration=[x for x, _ in mine[:4]], progress=False, verify=False)
@@ -167,6 +171,7 @@ def equivalence_run() -> dict:
             "world": world,
             "ptq_qparams": _qparams(ptq),
             "ptq_out": ptq(test),
+            "reconstructed": {k: v.detach().clone() for k, v in pruned.state_dict().items()},
             "qat_weights": trained,
             "qat_out": qat_out,
             "qat_qparams": _qparams(qm),

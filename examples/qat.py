@@ -2,7 +2,8 @@
 
     python examples/qat.py                 # PTQ int8 vs QAT int8 (fake quant + distillation), ONNX fused
     python examples/qat.py --bn train --freeze-bn-after 40 --learnable-scales
-    python examples/qat.py --bits 4 --lr 1e-3       # 4-bit weights and activations, where PTQ loses more
+    python examples/qat.py --weight-bits 4 --lr 1e-3   # int4 weights / int8 activations (runs in onnxruntime)
+    python examples/qat.py --bits 4 --lr 1e-3          # 4-bit weights and activations, where PTQ loses more
 
 QAT starts where PTQ ends (the same calibration batches), trains with fake quantization in the loop
 and the float model as teacher, and converts to the same Q/DQ graph PTQ gives: it exports to ONNX
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bn", choices=["fold", "train"], default="fold")
     ap.add_argument("--freeze-bn-after", type=int, default=None)
     ap.add_argument("--learnable-scales", action="store_true", help="LSQ")
-    ap.add_argument("--bits", type=int, default=8, help="weight and activation bits (below 8: fxpress graph only, no ONNX)")
+    ap.add_argument("--bits", type=int, default=8, help="activation bits, and weight bits unless --weight-bits (activations below 8: fxpress graph only, no ONNX)")
+    ap.add_argument("--weight-bits", type=int, default=None, help="weight bits (4: int4 values in int8 containers, which onnxruntime runs)")
     ap.add_argument("--out", default=None, help="directory for the ONNX files (default: a temporary one)")
     args = ap.parse_args(argv)
 
@@ -42,9 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     sample = x_test[:1]
     calibration = [x_train[i : i + 32] for i in range(0, 32 * 16, 32)]
 
-    config = "int8_static" if args.bits == 8 else QuantConfig(
-        default=OpQuant("static", TensorSpec(bits=args.bits), TensorSpec(dtype=torch.int8, symmetric=True, axis=0, observer="minmax", bits=args.bits))
+    wbits = args.weight_bits or args.bits
+    config = "int8_static" if args.bits == wbits == 8 else QuantConfig(
+        default=OpQuant("static", TensorSpec(bits=args.bits), TensorSpec(dtype=torch.int8, symmetric=True, axis=0, observer="minmax", bits=wbits))
     )
+    tag = f"w{wbits}a{args.bits}" if wbits != args.bits else f"int{args.bits}"
     ptq = fxpress.quantize(model, (sample,), calibration=calibration, config=config, progress=False)
     qat = fxpress.prepare_qat(
         model, (sample,), config, calibration=calibration, bn=args.bn, freeze_bn_after=args.freeze_bn_after,
@@ -57,11 +61,11 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="fxpress-qat-"))
     rows = [("float", accuracy(model, x_test, y_test), "")]
-    for name, gm in ((f"PTQ int{args.bits}", ptq), (f"QAT int{args.bits}", qm)):
+    for name, gm in ((f"PTQ {tag}", ptq), (f"QAT {tag}", qm)):
         rows.append((f"{name} (fxpress graph)", accuracy(gm, x_test, y_test), ""))
         if args.bits != 8:
-            continue  # onnxruntime's QLinear kernels are 8-bit
-        exported = fxpress.export_onnx(gm, (sample,), out / f"{name.split()[0].lower()}_int8.onnx", rtol=0.05)
+            continue  # onnxruntime's QLinear kernels take 8-bit activations
+        exported = fxpress.export_onnx(gm, (sample,), out / f"{name.split()[0].lower()}_{tag}.onnx", rtol=0.05)
         fused = optimized_op_counts(exported.path)
         kernels = ", ".join(f"{v} {k}" for k, v in sorted(fused.items()) if k.startswith(("QLinear", "QGemm")))
         session = exported.session(intra_op_threads=1)

@@ -14,7 +14,7 @@ from .passes.prune import ChannelPrune, PruneReport, SparsityReport
 from .passes.quant import OpQuant, QuantConfig, TensorSpec
 from .passes.quant.debug import FallbackReport, auto_fallback, compare_nodes, sensitivity
 from .prune_api import channel_groups, prune, prune_report
-from .train import DistillReport, distill, distill_report, freeze_bn, freeze_observers, prepare_qat
+from .train import DistillReport, ReconstructReport, distill, distill_report, freeze_bn, freeze_observers, prepare_qat, quantize_qat, reconstruct
 from .decompose_api import decompose, decompose_report
 from .passes.decompose import DecomposeReport
 from .sparsity_api import sparsify, sparsity_report
@@ -51,6 +51,9 @@ __all__ = [
     "convert",
     "distill",
     "distill_report",
+    "reconstruct",
+    "quantize_qat",
+    "ReconstructReport",
     "DistillReport",
     "freeze_bn",
     "freeze_observers",

@@ -125,6 +125,11 @@ def convert(prepared: fx.GraphModule, *, verify: bool = True, sync: bool = True)
         from .passes.quant.observers import CalibrationError
 
         if isinstance(exc.__cause__, CalibrationError):  # the user's mistake, not a pass failure: say it plainly
+            if "qat" in meta:
+                raise CalibrationError(
+                    f"this QAT graph was neither calibrated nor trained: {str(exc.__cause__).split('. Run')[0]}. Pass "
+                    "calibration= to prepare_qat, or train it first (fxpress.distill or your own loop in .train() mode)"
+                ) from None
             raise exc.__cause__ from None
         raise
     gm.meta["fxpress"]["convert_report"] = report

@@ -14,7 +14,7 @@ The TOML format (read with the standard library's ``tomllib``)::
     seed = 0                      # torch's RNG is seeded with seed + stage index before every stage
 
     [[stage]]
-    kind = "prune"                # prune | sparsify | decompose | distill | finetune | quantize
+    kind = "prune"                # prune | sparsify | decompose | distill | finetune | quantize | qat
     ratio = 0.5                   # every other key is an option of the stage's function
     round_to = 8
 
@@ -39,9 +39,11 @@ decompose ``fxpress.decompose``              calibration (data-aware SVD and err
 distill  ``fxpress.train.distill``           train_data (teacher: the original model)
 finetune ``fxpress.recipe.finetune``         train_data (labels: cross entropy)
 quantize ``fxpress.quantize``                calibration (static int8; dynamic / weight-only need none)
+qat      ``fxpress.train.quantize_qat``      train_data (teacher: the original model; calibration
+                                             if given, else the training data's inputs)
 ======== =================================== ==========================================================
 
-``quantize`` must be the last stage (the other stages take float graphs). A stage whose module is
+``quantize`` or ``qat`` must be the last stage (the other stages take float graphs). A stage whose module is
 not in this installation raises a ``RecipeError`` naming the stage. A run records what it did
 (the recipe, the fxpress/torch/Python versions, the seed, the stage timings) in its report and, with
 ``result.write(out)``, next to its outputs (``recipe.toml``, ``run.json``), so it can be repeated.
@@ -70,7 +72,7 @@ import torch.fx as fx
 from torch import nn
 
 __all__ = [
-    "Recipe", "RecipeError", "RecipeResult", "Stage", "Prune", "Sparsify", "Decompose", "Distill", "FineTune", "Quantize",
+    "Recipe", "RecipeError", "RecipeResult", "Stage", "Prune", "Sparsify", "Decompose", "Distill", "FineTune", "Quantize", "QAT",
     "STAGES", "finetune", "dict_to_toml",
 ]
 
@@ -543,6 +545,53 @@ class FineTune(Stage):
         return f"trains {self._defaults()['epochs']} epoch(s) with cross entropy on the training data"
 
 
+class QAT(Stage):
+    """Quantization-aware training against the original model, then convert (``fxpress.train.quantize_qat``):
+    ``QAT("int8_static", epochs=2)``."""
+
+    kind = "qat"
+    function = "fxpress.train.qat:quantize_qat"
+    provided = ("model", "example_inputs", "teacher", "data", "calibration", "progress")
+    positional = ("config",)
+    uses = "train_data (calibration: the calibration data if given, else the training data)"
+
+    def check_values(self) -> None:
+        from .passes.quant.config import QuantConfig
+        from .train.qat import _BN_MODES
+
+        o = self._defaults()
+        QuantConfig.coerce(o["config"])
+        if o["bn"] not in _BN_MODES:
+            raise ValueError(f"bn must be one of {_BN_MODES}, got {o['bn']!r}")
+        if not (isinstance(o["epochs"], int) and o["epochs"] >= 1):
+            raise ValueError(f"epochs must be an integer >= 1, got {o['epochs']!r}")
+
+    def needs_train_data(self) -> bool:
+        return True
+
+    def label(self) -> str:
+        return self.name or f"qat {self._defaults()['epochs']} ep"
+
+    def run(self, model, ctx):
+        return self.target()(model, ctx.example_inputs, ctx.teacher, ctx.train_data, calibration=ctx.calibration,
+                             progress=ctx.progress, **self._opts(ctx))
+
+    def summary(self, model):
+        line, text = Quantize.summary(self, model)
+        from .train.distill import distill_report
+
+        try:
+            rep = distill_report(model)
+        except ValueError:
+            return line, text
+        return f"{line}; trained {len(rep.epochs)} epoch(s)", f"{text}\n\n{rep}"
+
+    def plan(self, gm, ctx):
+        o = self._defaults()
+        return (f"fake-quantizes ({o['config'] if isinstance(o['config'], str) else 'custom config'}), trains {o['epochs']} epoch(s) "
+                "against the original model on the training data, converts")
+
+
 class Quantize(Stage):
     """Post-training quantization (``fxpress.quantize``): ``Quantize("int8_static", max_batches=16)``."""
 
@@ -613,7 +662,7 @@ class Quantize(Stage):
         return "\n".join(lines)
 
 
-STAGES: dict[str, type[Stage]] = {cls.kind: cls for cls in (Prune, Sparsify, Decompose, Distill, FineTune, Quantize)}
+STAGES: dict[str, type[Stage]] = {cls.kind: cls for cls in (Prune, Sparsify, Decompose, Distill, FineTune, Quantize, QAT)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -662,9 +711,9 @@ class Recipe:
 
     def _check_order(self) -> None:
         for i, s in enumerate(self.stages[:-1], 1):
-            if isinstance(s, Quantize):
+            if isinstance(s, (Quantize, QAT)):
                 later = self.stages[i].kind
-                raise RecipeError(f"{self._where(i)}: quantize must be the last stage (the {later!r} stage after it takes a float graph); "
+                raise RecipeError(f"{self._where(i)}: {s.kind} must be the last stage (the {later!r} stage after it takes a float graph); "
                                   "move it to the end")
 
     # ---- construction

@@ -17,7 +17,9 @@ Losses (per batch; means over the batch, so data-parallel ranks average to the f
   digits CNN pruned by half, weight 1 pulled the narrower student towards the teacher's features at
   the task's expense, 97.96 % vs 98.89 % without hints; 0.1 and 0.02 gave 98.89 %): ``hint_loss="mse"`` is the
   squared error divided by the teacher feature's mean square (scale-free), ``"cosine"`` is
-  1 - cosine similarity along the channel dim. Where widths differ (pruned channels) a learned
+  1 - cosine similarity along the channel dim. Where a pruned student kept a subset of the teacher's
+  channels, the teacher's feature is cut to the kept channels (the pruning plans say which: no
+  adapter). Otherwise, where widths differ, a learned
   adapter (a linear map along the channel dim: a 1×1 convolution for NCHW features) maps the
   student's channels onto the teacher's; it starts at the least-squares fit on the first batch and
   trains with the student (it is not part of the returned model).
@@ -101,6 +103,7 @@ class HintPair:
     student_shape: tuple
     teacher_shape: tuple
     adapter: str | None = None  # e.g. "1x1 conv 16 -> 32 (dim 1)"
+    kept: torch.Tensor | None = field(default=None, repr=False)  # teacher positions the student kept (pruned dim)
 
     def __str__(self) -> str:
         via = f" via {self.adapter}" if self.adapter else ""
@@ -119,6 +122,7 @@ class DistillReport:
     epochs: list[dict] = field(default_factory=list)
     resumed_from: int | None = None
     world_size: int = 1
+    reconstruction: Any = None  # the ReconstructReport of the layer re-fit before training, if it ran
 
     @property
     def final(self) -> dict:
@@ -129,6 +133,8 @@ class DistillReport:
         lines = [head]
         if self.resumed_from is not None:
             lines.append(f"  resumed after epoch {self.resumed_from}")
+        if self.reconstruction is not None:
+            lines += ["  " + line for line in str(self.reconstruction).splitlines()]
         if self.hints:
             lines.append(f"  feature hints ({len(self.hints)}):")
             lines += [f"    {h}" for h in self.hints]
@@ -186,6 +192,9 @@ def select_hints(
     student: fx.GraphModule, teacher: fx.GraphModule, hints: Any = "auto", *, max_hints: int = 4
 ) -> tuple[list[HintPair], list[tuple[str, str]]]:
     """The (student, teacher) tensor pairs for feature hints, and the candidates left out with why."""
+    from .reconstruct import _kept_channels
+
+    kept_maps = _kept_channels(student)
     t_nodes = {n.name: n for n in teacher.graph.nodes}
     s_nodes = {n.name: n for n in student.graph.nodes}
     skipped: list[tuple[str, str]] = []
@@ -203,12 +212,17 @@ def select_hints(
         if dims is None or len(dims) > 1:
             skipped.append((s_name, f"shapes {list(s_shape)} and {list(t_shape)} differ in more than one dim"))
             return None
-        adapter = None
+        adapter, kept = None, None
         if dims:
             d = dims[0]
-            kind = "1x1 conv" if len(s_shape) == 4 and d == 1 else "linear"
-            adapter = f"{kind} {s_shape[d]} -> {t_shape[d]} (dim {d})"
-        return HintPair(s_name, t_name, s_shape, t_shape, adapter)
+            kept = kept_maps.get((t_name, d)) if s_name == t_name else None
+            if kept is not None and kept.numel() == s_shape[d]:
+                adapter = f"the {s_shape[d]} kept of {t_shape[d]} channels (dim {d})"
+            else:
+                kept = None
+                kind = "1x1 conv" if len(s_shape) == 4 and d == 1 else "linear"
+                adapter = f"{kind} {s_shape[d]} -> {t_shape[d]} (dim {d})"
+        return HintPair(s_name, t_name, s_shape, t_shape, adapter, kept)
 
     if hints is None or hints is False:
         return [], []
@@ -443,6 +457,13 @@ def _check_options(loss, temperature, alpha, hint_loss, hint_weight, epochs, max
         raise ValueError(f"max_hints must be an integer >= 1, got {max_hints!r}")
 
 
+def _is_quantized(gm: nn.Module) -> bool:
+    """QAT (fake quant) or calibration observers in the graph: reconstruction is for float students."""
+    from .qat import is_qat
+
+    return is_qat(gm) or hasattr(gm, "observers")
+
+
 def _teacher_graph(teacher: nn.Module, args: tuple) -> fx.GraphModule:
     if _is_graph(teacher):
         return teacher
@@ -468,6 +489,7 @@ def distill(
     lr: float = 1e-3,
     schedule: str | None = "cosine",
     eval_fn: Callable[[nn.Module], Any] | None = None,
+    reconstruct: bool = True,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = True,
     progress: bool = True,
@@ -483,6 +505,9 @@ def distill(
     schedule: "cosine" (decay to 0 over the run) or None. max_steps: stop each epoch after this many
     batches (for quick runs). device: where to train (default: where the student's parameters are).
     ddp: wrap in DistributedDataParallel when torch.distributed is initialized.
+    reconstruct: before the first epoch, re-fit the student's layers to the teacher's outputs on up
+    to 8 batches (``fxpress.reconstruct``; pruned students gain the most). Runs for float fxpress
+    graphs that are not resuming from a checkpoint; its report is part of the distillation report.
     """
     from tqdm.auto import tqdm
 
@@ -516,6 +541,12 @@ def distill(
     if first is None:
         raise ValueError("the data yielded no batches; give a non-empty DataLoader or list of batches")
     args0, kwargs0, _ = _split(_to(first, device), student, arity)
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    resuming = ckpt is not None and resume and ckpt.exists()
+    if reconstruct and not resuming and _is_graph(student) and not kwargs0 and not _is_quantized(student):
+        from .reconstruct import reconstruct as _reconstruct
+
+        report.reconstruction = _reconstruct(student, teacher, data, max_batches=8, progress=progress)
 
     # hints: pair the graphs, build adapters on the first batch
     names: list[str] = []
@@ -523,6 +554,7 @@ def distill(
     adapters: dict[str, nn.Module] = {}
     teacher_graph = None
     channel_dims: list[int] = []
+    t_select: dict[int, torch.Tensor] = {}  # hint index -> the teacher channels a pruned student kept
     if hints not in (None, False):
         teacher_graph = _teacher_graph(teacher, args0)
         pairs, skipped = select_hints(student, teacher_graph, hints, max_hints=max_hints)
@@ -538,7 +570,9 @@ def distill(
             for p, s, t in zip(pairs, s_feats, t_feats):
                 dims = _differing_dims(tuple(s.shape), tuple(t.shape)) or []
                 channel_dims.append(dims[0] if dims else (1 if s.dim() > 1 else 0))
-                if dims:
+                if dims and p.kept is not None:
+                    t_select[len(channel_dims) - 1] = p.kept.to(device)
+                elif dims:
                     ad = ChannelAdapter(dims[0], s.shape[dims[0]], t.shape[dims[0]]).to(device)
                     ad.fit_(s, t)
                     adapters[p.student] = ad
@@ -580,8 +614,7 @@ def distill(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * steps_per_epoch)) if schedule == "cosine" else None
 
     start_epoch = 0
-    ckpt = Path(checkpoint) if checkpoint is not None else None
-    if ckpt is not None and resume and ckpt.exists():
+    if resuming:
         state = torch.load(ckpt, map_location=device, weights_only=False)
         student.load_state_dict(state["student"])
         step_module.adapters.load_state_dict(state["adapters"])
@@ -621,6 +654,7 @@ def distill(
                 with torch.no_grad():
                     if t_names:
                         t_raw, t_feats = _run_with_taps(teacher_graph, args, t_names)
+                        t_feats = [f.index_select(channel_dims[j], t_select[j]) if j in t_select else f for j, f in enumerate(t_feats)]
                     else:
                         t_raw, t_feats = teacher(*args, **kwargs), []
                 t_out = _first_tensor(t_raw)

@@ -9,6 +9,7 @@ the same script runs under ``python`` and under ``torchrun --nproc-per-node N``.
 * ``sync_batch_norm_stats(gm)``: average batch-norm running statistics over ranks (each rank
   normalizes its own batches, as DDP without SyncBatchNorm does; the running statistics are then
   made equal, so every rank holds the same model).
+* ``all_reduce_sum_(tensor)``: sum a tensor over ranks in place (reconstruction's normal equations).
 * ``rank()``, ``world_size()``, ``is_main_process()``, ``barrier()``, ``broadcast_object(obj)``.
 * ``init_from_env(backend=None)``: ``dist.init_process_group`` from torchrun's environment variables
   (gloo on CPU, NCCL where there are GPUs) when they are set.
@@ -35,6 +36,7 @@ __all__ = [
     "sync_observers",
     "sync_batch_norm_stats",
     "all_equal",
+    "all_reduce_sum_",
 ]
 
 
@@ -185,3 +187,15 @@ def all_equal(value: Any) -> bool:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return all(g == gathered[0] for g in gathered)
+
+
+def all_reduce_sum_(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place (on the backend's device); the tensor itself in one process."""
+    if not is_distributed():
+        return tensor
+    import torch.distributed as dist
+
+    buf = tensor.detach().to(_device())
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    tensor.copy_(buf.to(tensor.device))
+    return tensor

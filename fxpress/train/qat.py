@@ -45,7 +45,7 @@ from ..passes import PassManager
 from ..passes.quant.config import QuantConfig
 from ..passes.quant.fake_quant import fake_quant_modules, qat_batch_norms
 
-__all__ = ["prepare_qat", "freeze_bn", "freeze_observers", "is_qat"]
+__all__ = ["prepare_qat", "quantize_qat", "freeze_bn", "freeze_observers", "is_qat"]
 
 _BN_MODES = ("fold", "train")
 
@@ -150,6 +150,49 @@ def prepare_qat(
 
         warnings.warn("prepare_qat: the config quantizes nothing in this model (no fake-quant was inserted)", stacklevel=2)
     return gm.train()
+
+
+def quantize_qat(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    teacher: torch.nn.Module,
+    data: Iterable,
+    config: QuantConfig | str | dict | None = "int8_static",
+    *,
+    epochs: int = 2,
+    lr: float = 1e-4,
+    temperature: float = 4.0,
+    alpha: float = 0.7,
+    bn: str = "fold",
+    freeze_bn_after: int | None = None,
+    learnable_scales: bool = False,
+    calibration: Iterable | None = None,
+    max_batches: int | None = None,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> fx.GraphModule:
+    """QAT in one call: ``prepare_qat``, ``distill`` against ``teacher`` on ``data`` for ``epochs``, ``convert``.
+
+    Returns the converted integer graph (what ``fxpress.quantize`` returns for PTQ); the distillation
+    report stays attached (``fxpress.distill_report``). ``calibration`` defaults to ``data``'s inputs
+    (up to ``max_batches``, default 16), so training starts from PTQ's ranges. This is the recipe
+    stage ``kind = "qat"``.
+    """
+    from ..api import convert
+    from .distill import _length, distill, distill_report
+
+    if calibration is None:  # calibration reads the inputs of each batch and ignores the labels
+        calibration = data
+        max_batches = 16 if max_batches is None else max_batches
+    if _length(data) == 0:
+        raise ValueError("the training data is empty: quantize_qat needs labelled (or unlabelled) batches to train on")
+    qat = prepare_qat(model, example_inputs, config, bn=bn, freeze_bn_after=freeze_bn_after, calibration=calibration,
+                      max_batches=max_batches, learnable_scales=learnable_scales, progress=progress)
+    distill(qat, teacher, data, epochs=epochs, lr=lr, temperature=temperature, alpha=alpha, max_steps=max_steps, progress=progress)
+    report = distill_report(qat)
+    qm = convert(qat)
+    qm.meta.setdefault("fxpress", {})["distill_report"] = report
+    return qm
 
 
 def _trainable_like(gm: fx.GraphModule, model: Any) -> None:

@@ -74,6 +74,18 @@ def test_decompose_then_distill(digits):
     assert distilled.metric > 80
 
 
+def test_qat_stage_trains_and_converts(digits):
+    model, inputs, calibration, train, x_test, y_test = digits
+    recipe = Recipe.load("cnn-qat-int8")
+    recipe.stages[0].options["max_steps"] = 4  # a short run: what is tested is the stage, not QAT's accuracy
+    result = recipe.apply(model, inputs, train_data=train[:8], evaluate=lambda m: accuracy(m, x_test, y_test), latency=False)
+    original, qat = result.report.stages
+    assert "conv 4/4" in qat.summary and "trained 2 epoch(s)" in qat.summary
+    assert fxpress.quant_report(result.model).quantized("conv") == 4
+    assert fxpress.distill_report(result.model).epochs[-1]["steps"] == 4
+    assert qat.metric >= original.metric - 2
+
+
 def test_the_seed_makes_runs_reproducible(digits):
     model, inputs, *_ = digits
 

@@ -63,6 +63,9 @@ config = "int8_static"
         ('[[stage]]\nkind = "sparsify"\nscope = "globl"', r"stage 1 \(sparsify\): scope must be one of 'layer', 'global', 'output'"),
         ('[[stage]]\nkind = "distill"\ntemprature = 2.0', r"stage 1 \(distill\): unknown option 'temprature'\. Did you mean 'temperature'\?"),
         ('[[stage]\nkind = "prune"', r"not valid TOML"),
+        ('[[stage]]\nkind = "qat"\n[[stage]]\nkind = "prune"', r"stage 1 \(qat\): qat must be the last stage"),
+        ('[[stage]]\nkind = "qat"\nbn = "frozen"', r"stage 1 \(qat\): bn must be one of \('fold', 'train'\)"),
+        ('[[stage]]\nkind = "qat"\nepoch = 2', r"stage 1 \(qat\): unknown option 'epoch'\. Did you mean 'epochs'\?"),
     ],
 )
 def test_invalid_recipes_name_the_stage_and_the_key(toml, message):
@@ -98,7 +101,7 @@ def test_options_follow_the_functions_signatures():
 
 def test_shipped_recipes_parse_and_cover_the_issue():
     shipped = shipped_recipes()
-    assert set(shipped) >= {"cnn-int8", "cnn-prune-int8", "transformer-dynamic-int8", "llm-int4-weight-only", "decompose-distill"}
+    assert set(shipped) >= {"cnn-int8", "cnn-prune-int8", "transformer-dynamic-int8", "llm-int4-weight-only", "decompose-distill", "cnn-qat-int8"}
     for name, path in shipped.items():
         recipe = Recipe.from_file(path)
         assert recipe.name == name and recipe.description

@@ -149,3 +149,8 @@ def test_digits_pruned_half_distilled_vs_fine_tuned(digits):
         got[name] = accuracy(student, x_test, y_test)
     print(f"digits: teacher {teacher_acc:.2f}, fine-tuned {got['fine-tuned']:.2f}, distilled {got['distilled']:.2f}")
     assert got["distilled"] >= teacher_acc - 1.0
+
+
+def test_an_empty_loader_is_a_clear_error():
+    with pytest.raises(ValueError, match="the data yielded no batches"):
+        fxpress.distill(_mlp(), _mlp().eval(), [], progress=False)

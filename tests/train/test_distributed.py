@@ -1,7 +1,8 @@
 """Two processes (torchrun, gloo, DDP) give what one process gives on the same data.
 
 The workload is ``examples/distill_ddp.py --check``: each rank takes its half of every batch;
-PTQ calibrates on it and ``convert`` reduces the observers; QAT calibrates, distills under DDP
+PTQ calibrates on it and ``convert`` reduces the observers; a pruned student is reconstructed
+(normal equations summed over ranks); QAT calibrates, distills under DDP
 (SGD) and converts. The single-process reference runs the same function here on the whole batches.
 
 Tolerances: min/max ranges reduce exactly (MIN/MAX), so QAT's weights, outputs and int8 qparams
@@ -49,6 +50,10 @@ def test_two_processes_equal_one_process(tmp_path):
     multi = torch.load(tmp_path / "result.pt", weights_only=False)
     assert (single["world"], multi["world"]) == (1, 2)
 
+    # reconstruction: normal equations summed over ranks == the whole batches' system
+    for k, w in single["reconstructed"].items():
+        torch.testing.assert_close(multi["reconstructed"][k], w, atol=1e-5, rtol=1e-4, msg=k)
+
     # QAT + DDP distillation with min/max ranges: the same to float rounding
     for k, w in single["qat_weights"].items():
         torch.testing.assert_close(multi["qat_weights"][k], w, atol=1e-6, rtol=1e-5, msg=k)
@@ -66,7 +71,9 @@ def test_two_processes_equal_one_process(tmp_path):
 
 
 def test_single_process_helpers_are_no_ops():
-    model = fxpress.demo.DigitsCNN(width=4).eval()
+    from fxpress.demo import DigitsCNN
+
+    model = DigitsCNN(width=4).eval()
     x = torch.rand(2, 1, 8, 8)
     prepared = fxpress.prepare(model, (x,))
     assert dist_utils.world_size() == 1 and dist_utils.is_main_process() and not dist_utils.is_distributed()

@@ -207,3 +207,23 @@ def test_weight_only_qat_fake_quantizes_as_convert_quantizes(config):
         qm = fxpress.convert(qat)
         torch.testing.assert_close(qm(x), fake, atol=1e-6, rtol=0)  # per group (int4) or per channel, exactly
     assert _ops(qm) == _ops(ptq)
+
+
+def test_quantize_qat_is_prepare_distill_convert(digits):
+    model, (x_train, y_train, x_test, y_test) = digits
+    data = [(x_train[i : i + 64], y_train[i : i + 64]) for i in range(0, 256, 64)]
+    with pytest.raises(ValueError, match="training data is empty"):
+        fxpress.quantize_qat(model, (x_test[:1],), model, [])
+    qm = fxpress.quantize_qat(model, (x_test[:1],), model, data, epochs=1, lr=1e-4, progress=False)
+    assert fxpress.quant_report(qm).quantized("conv") == 4 and not fxpress.train.is_qat(qm)
+    assert fxpress.distill_report(qm).epochs[-1]["steps"] == 4
+    assert accuracy(qm, x_test, y_test) >= accuracy(model, x_test, y_test) - 1
+
+
+def test_convert_before_calibration_or_training_says_what_to_do():
+    from fxpress.passes.quant.observers import CalibrationError
+
+    model = DigitsCNN(width=4).eval()
+    qat = fxpress.prepare_qat(model, (torch.rand(2, 1, 8, 8),), progress=False)
+    with pytest.raises(CalibrationError, match=r"neither calibrated nor trained.*never saw data.*Pass calibration= to prepare_qat, or train it"):
+        fxpress.convert(qat)
