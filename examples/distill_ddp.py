@@ -7,8 +7,9 @@
 Every rank holds the same teacher and pruned student; each trains on its own shard of every batch
 (DistributedSampler), DDP averages the gradients, and only rank 0 prints, writes the checkpoint and
 exports ONNX. Fine-tuning (the baseline) and distillation run through the same loop, data, optimizer
-and epochs: fine-tuning is ``distill(..., alpha=0.0)`` (the hard-label loss alone); a third run
-distills from the images alone, without their labels.
+and epochs: fine-tuning is ``distill(..., alpha=0.0, reconstruct=False)`` (the hard-label loss
+alone, no teacher); distillation first re-fits the pruned layers to the teacher (``reconstruct``, the
+normal equations summed over ranks); a third run distills from the images alone, without labels.
 
 ``--check DIR``: the small deterministic workload the tests run under two processes and compare with
 one process on the same data: PTQ calibration + convert, reconstruction of a pruned student, then
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
             dist_utils.barrier()
             fxpress.distill(
                 student, teacher, data, epochs=args.epochs, alpha=alpha, temperature=4.0, lr=args.lr,
-                hints=hints if alpha > 0 else None, checkpoint=ckpt, progress=main_rank,
+                hints=hints if alpha > 0 else None, reconstruct=alpha > 0, checkpoint=ckpt, progress=main_rank,
             )
             results[name].append(accuracy(student, x_test, y_test))
             if alpha == 0.7 and seed == 0:
