@@ -1,6 +1,6 @@
 """Recipes: an ordered list of compression stages, written in TOML or built in Python, applied in one call.
 
-    recipe = fxpress.Recipe.from_file("recipes/cnn-int8.toml")
+    recipe = fxpress.Recipe.load("cnn-int8")                 # a shipped recipe by name, or .from_file("my.toml")
     recipe = fxpress.Recipe([Prune(0.5), Decompose(budget={"params": 0.5}), Distill(epochs=3), Quantize("int8_static")])
     result = recipe.apply(model, (x,), calibration=loader, train_data=loader)
     result.model, result.report                        # the compressed graph; a CompressionReport
@@ -954,8 +954,8 @@ def _captured(model: Any, inputs: tuple) -> fx.GraphModule:
 
 
 def shipped_recipes() -> dict[str, Path]:
-    """The recipes shipped with fxpress (the repository's recipes/ folder), by name."""
-    here = Path(__file__).resolve().parent.parent / "recipes"
+    """The recipes shipped with fxpress (package data: fxpress/recipes/*.toml), by name."""
+    here = Path(__file__).resolve().parent / "recipes"
     return {p.stem: p for p in sorted(here.glob("*.toml"))} if here.is_dir() else {}
 
 

@@ -10,7 +10,7 @@ import torch
 import fxpress
 from fxpress.recipe import STAGES, Decompose, Distill, FineTune, Prune, Quantize, Recipe, RecipeError, shipped_recipes
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = Path(fxpress.__file__).resolve().parent / "recipes"
 
 
 def test_toml_and_python_recipes_are_the_same():
