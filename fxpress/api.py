@@ -26,7 +26,7 @@ from .passes.quant.insert_observers import ACTIVATIONS, OBSERVER_ROOT, SHARE_OPS
 
 __all__ = ["prepare", "convert", "quantize", "calibrate", "quant_report", "QuantReport"]
 
-_PREP = ("fold-constants", "fold-batch-norm", "eliminate-dead-code")
+_PREP = ("fold-constants", "matmul-to-linear", "fold-batch-norm", "eliminate-dead-code")
 
 
 def _as_graph(model: Any, example_inputs: Any) -> fx.GraphModule:
