@@ -18,8 +18,9 @@ holding a graph already is not quite the same thing, since TP has no separate ca
 capture + analysis (the like-for-like "model in, groups out" figure).
 
 Models: torchvision resnet50 and vit_b_16 at 224x224 (random weights; sample batch 1 and 2:
-with a batch-1 sample fxpress re-propagates the shapes once with a fake-tensor pass, because the
-captured graph carries literal 1s where the dynamic batch flows), and the synthetic
+a graph captured from a batch-1 sample may carry literal 1s where the dynamic batch flows, and when
+a rule failed on a dynamic size there fxpress re-propagates the shapes with meta tensors and
+analyses again -- vit_b_16 does, resnet50 does not), and the synthetic
 residual MLP of Torch-Pruning's scaling measurement (shared/anchors/pruning.md: ``get_all_groups``
 1.15 s at 3.6k nodes, 4.7 s at 7.2k and 21.6 s at 14.3k, i.e. super-linear):
 ``x = x + fc2(relu(fc1(x)))`` repeated, 8 ATen nodes per block, blocks added until the captured
@@ -145,8 +146,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="*", default=["resnet50", "vit_b_16"], help="torchvision models at 224x224")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2],
-                    help="sample batch sizes for the torchvision models (a batch-1 sample costs fxpress one "
-                         "fake-tensor shape pass, see fxpress/ir/channels.py)")
+                    help="sample batch sizes for the torchvision models (a batch-1 sample may cost fxpress a "
+                         "shape re-propagation and a second analysis, see fxpress/ir/channels.py)")
     ap.add_argument("--mlp-nodes", type=int, default=14000, help="ATen nodes of the residual MLP headline case")
     ap.add_argument("--sizes", type=int, nargs="*", default=[2000, 4000, 8000, 16000], help="scaling series (ATen nodes)")
     ap.add_argument("--rounds", type=int, default=5, help="rounds (median taken)")

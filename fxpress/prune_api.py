@@ -80,6 +80,7 @@ def prune(
     ignore: Sequence[Any] = (),
     iterative_steps: int = 1,
     layer_norm: str = "approximate",
+    factors: str = "inner",
     loss_fn: Callable | None = None,
     batch: Any = None,
     seed: int = 0,
@@ -88,21 +89,30 @@ def prune(
 ) -> fx.GraphModule:
     """Remove ``ratio`` of the channels of every prunable group; return the pruned GraphModule.
 
-    ratio: fraction of each group's channels removed (of all channels with ``global_pruning``), in [0, 1).
+    ratio: fraction of each group's channels removed (of all channels with ``global_pruning``), in [0, 1);
+        where a dim is a product of groups (see ``factors``) the dim, not each factor, loses ``ratio``.
     importance: "l1", "l2", "bn_scale", "random", "taylor", "lamp", or ``f(analysis, group) -> scores``.
     reduction: how a group's parameters combine into one score per channel ("mean", "sum", "max").
-    round_to / min_channels: keep a multiple of / at least this many channels per group.
+    round_to: keep a multiple of this many channels in every activation channel dim that shrinks
+        (for a factor of a product dim, the multiple that keeps the product a multiple of it).
+    min_channels: keep at least this many channels per group.
     max_ratio: with global pruning, the most any group may lose.
     ignore: layers whose output channels stay (module paths like "fc", submodules, or node names);
         a name that matches nothing is a ValueError.
     iterative_steps: reach the ratio in this many steps (importance recomputed each step;
         ``step_callback(gm, step)`` runs after each, e.g. to fine-tune).
     layer_norm: "approximate" prunes through layer/rms norms (their statistics change), "freeze" does not.
+    factors: where a tensor dim is the product of two prunable groups -- a grouped convolution's
+        groups x channels per group, attention's heads x head dim -- the ratio applies to the dim, and
+        this picks the factor that shrinks: "inner" (default: channels per group and head dims; every
+        group and head stays, as Torch-Pruning), "outer" (whole groups and whole heads, head dims
+        kept) or "balanced" (each of k factors keeps (1 - ratio) ** (1/k)). A grouped conv's MACs
+        fall to (1 - ratio) ** 2 with "inner", to (1 - ratio) with "outer".
     loss_fn, batch: the Taylor criterion's loss of the outputs (default: their sum) and batch
         (default: ``example_inputs``).
     The report: ``prune_report(pruned)``.
     """
-    validate_options(ratio, importance, round_to, min_channels, max_ratio, reduction)
+    validate_options(ratio, importance, round_to, min_channels, max_ratio, reduction, factors)
     if isinstance(iterative_steps, bool) or not isinstance(iterative_steps, int) or iterative_steps < 1:
         raise ValueError(f"iterative_steps must be an integer >= 1, got {iterative_steps!r}")
     inputs = normalize_inputs(example_inputs)
@@ -126,6 +136,7 @@ def prune(
             max_ratio=max_ratio,
             ignore=names,
             layer_norm=layer_norm,
+            factors=factors,
             example_inputs=taylor_batch if importance == "taylor" else None,
             loss_fn=loss_fn,
             seed=seed + step - 1,

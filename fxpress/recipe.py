@@ -369,7 +369,7 @@ class Prune(Stage):
         from .passes.prune.channel_prune import validate_options
 
         d = self._defaults()
-        validate_options(d["ratio"], d["importance"], d["round_to"], d["min_channels"], d["max_ratio"], d["reduction"])
+        validate_options(d["ratio"], d["importance"], d["round_to"], d["min_channels"], d["max_ratio"], d["reduction"], d["factors"])
 
     def label(self) -> str:
         return self.name or f"prune {_short(self._defaults()['ratio'])}"

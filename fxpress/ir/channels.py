@@ -45,12 +45,36 @@ holds at the end. What the order can change is granularity (how finely a class i
 
 Limits (each fails closed, with the reason in the summary): strided slices; a reshape whose factors
 cannot be aligned (``[6, 4] -> [4, 6]``); grouped-query attention; group norm prunes whole groups
-only; ops not in the table (``gather``, ``index``, ``roll``, ``cumsum``, factories, ...). Attention
-prunes heads and head dims as separate groups (q/k share a head dim, v has its own).
+only; padded, rolled and indexed (gathered) dims are frozen (their other dims tie); ops not in the
+table (``cumsum``, ``scatter``, factories such as ``arange``, ...). Attention has heads and head
+dims as separate groups (q/k share a head dim, v has its own).
 
-Shapes: the sizes come from ``meta["val"]``; a graph captured from a batch-1 sample carries some
-literal 1s where the dynamic batch flows, so then the shapes are re-propagated from the placeholders
-with a dynamic-dim hint of 7 first (one fake-tensor pass).
+Ratios over product dims
+------------------------
+A ratio is meant for tensor dims: pruning at 0.5 should halve a channel dim, not each class in it.
+Where a dim is a product of two or more prunable classes (a grouped conv's input
+``Prod(groups, channels per group)``, attention's ``Prod(heads, head_dim)``), pruning every factor at
+``r`` would remove ``1 - (1 - r) ** k`` of the dim (75% at 0.5 for two factors). So each prunable
+class gets a *share* ``e`` of the ratio and keeps ``(1 - r) ** e`` of its channels
+(``ChannelAnalysis.product_shares``); the factors of every product share it so that the dim keeps
+``1 - r``. The policy (``factors``) picks the factor: "inner" (the default) prunes the last factor
+(row-major) -- channels per group and head dims; every group and head stays, as Torch-Pruning does
+-- which is also what makes a grouped conv's MACs fall to ``(1 - r) ** 2`` like an ungrouped one's
+(MACs are output channels x input channels *per group*); "outer" prunes whole groups and whole heads
+(head dims and group widths stay, which SDPA kernels and per-group conv kernels like, but a grouped
+conv's MACs fall only to ``1 - r``); "balanced" gives each of ``k`` factors ``e = 1/k``. Either choice
+prefers a factor that is elsewhere the *only* prunable class of an activation dim (a grouped conv
+whose channels per group a group norm freezes can shrink only by whole groups). A class in no product
+of prunable classes has ``e = 1``; ``round_to`` rounds each factor to the multiple that keeps the
+activation dims it occurs in multiples of ``round_to`` (``ChannelAnalysis.round_units``).
+
+Shapes: the sizes come from ``meta["val"]``. A graph captured from a batch-1 sample may carry literal
+1s where the dynamic batch flows (size-oblivious export; e.g. the MLP after torchvision's attention).
+Those can only make rules fail (sizes that disagree, a reshape that cannot be grouped), never tie
+wrong channels, because the batch symbol never equals a static size. So the analysis runs on the
+stored shapes and, only when a rule failed on a tensor with a dynamic size in a batch-1 capture,
+re-propagates the shapes (meta tensors with the batch at a prime, one pass of ~0.1 ms per node; a
+fake-tensor pass if that cannot map the sizes back) and analyses again with the ones that differ.
 
 Pruning a set of classes then (see ``PruningPlan``) gives, for each space, the kept indices
 (``index_select`` of parameters) and the new size (shape constants in the graph: view/reshape sizes,
@@ -77,6 +101,7 @@ __all__ = [
     "resolve_ignore",
     "ChannelAnalysis",
     "ChannelGroup",
+    "FACTOR_POLICIES",
     "ParamDim",
     "PruningPlan",
     "analyze_channels",
@@ -653,6 +678,23 @@ class ChannelAnalysis:
             raise ValueError(f"layer_norm must be 'approximate' or 'freeze', got {layer_norm!r}")
         self.gm = gm
         self.layer_norm = layer_norm
+        self.notes: list[str] = []
+        self._fix: dict[Key, tuple] | None = None  # shapes that replace untrustworthy meta["val"] ones
+        self._reset()
+        self._run()
+        if self._suspect and _batch_one(gm):
+            # a graph captured from a batch-1 sample may carry literal 1s where the batch flows; a
+            # rule that failed on a dynamic-size tensor may have failed on those: re-propagate the
+            # shapes (meta tensors, one cheap pass) and, where any disagree, analyse again
+            fix = _consistent_shapes(gm, self.notes)
+            if fix:
+                self._fix = fix
+                self._reset()
+                self._run()
+        if ignore:
+            self._apply_ignore(list(ignore))
+
+    def _reset(self) -> None:
         self.spaces: dict[tuple, Any] = {}  # (node, item, dim) -> layout tree
         self.aux: dict[fx.Node, dict] = {}  # per node facts the shape rewrite needs
         self.unsupported: dict[str, list[str]] = defaultdict(list)
@@ -660,23 +702,24 @@ class ChannelAnalysis:
         self._shapes: dict[Key, tuple] = {}
         self._groups: list[ChannelGroup] | None = None
         self.ignored: dict[str, list[str]] = {}
-        self.notes: list[str] = []
-        self._vals = _consistent_values(gm, self.notes)
-        self._run()
-        if ignore:
-            self._apply_ignore(list(ignore))
+        self._suspect = False  # a rule failed where a dynamic size was involved (see __init__)
 
     # ---- spaces
     def shape(self, key: Key) -> tuple:
         s = self._shapes.get(key)
         if s is None:
-            node, item = key
-            val = self._vals.get(node, node.meta["val"]) if self._vals is not None else node.meta["val"]
-            if item is not None:
-                val = val[item]
-            s = tuple(size_of(x) for x in val.shape)
+            s = self._fix.get(key) if self._fix is not None else None
+            if s is None:
+                node, item = key
+                val = node.meta["val"]
+                if item is not None:
+                    val = val[item]
+                s = tuple(size_of(x) for x in val.shape)
             self._shapes[key] = s
         return s
+
+    def _dynamic(self, keys: Iterable[Key]) -> bool:
+        return any(not _is_int(x) for k in keys for x in self.shape(k))
 
     def tree(self, key: Key, dim: int, *, create: bool = True):
         k = (key[0], key[1], dim)
@@ -730,6 +773,7 @@ class ChannelAnalysis:
         try:
             unify(ta, tb)
         except Mismatch as exc:
+            self._suspect = True
             reason = f"{why}: {exc}"
             freeze_tree(ta, reason)
             freeze_tree(tb, reason)
@@ -764,11 +808,14 @@ class ChannelAnalysis:
         try:
             rule(ctx)
         except Unsupported as exc:
+            self._suspect = self._suspect or self._dynamic(keys)
             self._freeze_all(node, f"{op_name(node)} (node {node.name}): {exc}")
             return
         for key in keys:
             for d in range(len(self.shape(key))):
                 if (key[0], key[1], d) not in ctx.touched:
+                    if not _is_int(self.shape(key)[d]):
+                        self._suspect = True
                     who = "output" if key[0] is node else f"input {key[0].name}"
                     self.freeze(key, d, f"{op_name(node)} (node {node.name}) does not map dim {d} of its {who}")
 
@@ -834,6 +881,104 @@ class ChannelAnalysis:
             )
         return groups
 
+    # ---- how a ratio splits over the factors of product spaces
+    def product_shares(self, policy: str = "inner") -> dict[ChannelGroup, float]:
+        """For each prunable group, the exponent ``e`` of its keep fraction: pruning at ratio ``r``
+        keeps ``(1 - r) ** e`` of its channels, so that a product dim loses ``r``, not
+        ``1 - (1 - r) ** k`` (see "Ratios over product dims" in the module docstring).
+
+        ``policy`` picks, in each product of two or more prunable classes (a grouped conv's groups x
+        channels per group, attention's heads x head dim), the factor that takes the ratio (e = 1;
+        the others keep every channel, e = 0): "inner" the last (row-major: channels per group,
+        head dims), "outer" the first (whole groups, whole heads) -- either way preferring a factor
+        that is elsewhere the only prunable class of an activation dim (a grouped conv whose output
+        channels per group a group norm freezes shrinks through its groups); "balanced" gives each
+        of k factors e = 1/k. Groups in no such product get e = 1. Where two chosen factors meet in
+        one product (conflicting choices), each takes 1/k there: a product never loses more than r.
+        """
+        if policy not in FACTOR_POLICIES:
+            raise ValueError(f"factors must be one of {', '.join(map(repr, FACTOR_POLICIES))}, got {policy!r}")
+        prunable = {g.leaf: g for g in self.prunable}
+        constraints = _product_constraints(self.spaces.values(), prunable.keys())
+        share: dict[Leaf, float] = {}
+        if policy == "balanced":
+            for fs in constraints:
+                for f in fs:
+                    for x in f:
+                        share[x] = min(share.get(x, 1.0), 1.0 / len(fs))
+        elif constraints:
+            sole: set[Leaf] = set()  # the only prunable class of some activation dim (term)
+            seen: set[tuple] = set()
+            for (node, _item, _d), t in self.spaces.items():
+                if node.op == "get_attr":
+                    continue
+                for term in _product_terms(norm(t), exact=True) or ():
+                    key = tuple(id(x) for x in term)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    p = [x for x in term if x in prunable]
+                    if len(p) == 1:
+                        sole.add(p[0])
+            chosen: set[Leaf] = set()
+            excluded: set[Leaf] = set()
+            for fs in constraints:
+                hit = [i for i, f in enumerate(fs) if any(x in chosen for x in f)]
+                if not hit:
+                    cands = [i for i, f in enumerate(fs) if any(x not in excluded for x in f)]
+                    if not cands:
+                        continue
+                    pool = [i for i in cands if any(x in sole for x in fs[i])] or cands
+                    hit = [pool[-1] if policy == "inner" else pool[0]]
+                for i in hit:  # the chosen factor: all its classes not excluded elsewhere
+                    chosen.update(x for x in fs[i] if x not in excluded)
+                for j, f in enumerate(fs):
+                    if j not in hit:
+                        excluded.update(x for x in f if x not in chosen)
+            for fs in constraints:
+                for f in fs:
+                    for x in f:
+                        share[x] = 1.0 if x in chosen else 0.0
+            for fs in constraints:
+                k = sum(1 for f in fs if any(x in chosen for x in f))
+                if k > 1:
+                    for f in fs:
+                        for x in f:
+                            if x in chosen:
+                                share[x] = min(share[x], 1.0 / k)
+        return {g: share.get(leaf, 1.0) for leaf, g in prunable.items()}
+
+    def round_units(self, round_to: int, shares: dict[ChannelGroup, float]) -> dict[ChannelGroup, int]:
+        """For each prunable group, the multiple its kept channel count must be so that every
+        activation dim it occurs in keeps a multiple of ``round_to`` channels: ``round_to`` where it
+        is a dim's only factor, ``round_to / gcd(round_to, n)`` where it is multiplied by
+        ``n`` channels that are not pruned (a grouped conv's 32 groups times the channels per
+        group: any count is a multiple of 8 channels), the lcm over its occurrences."""
+        if round_to <= 1:
+            return {g: 1 for g in shares}
+        by_leaf = {g.leaf: g for g in shares}
+        pruned = {g.leaf for g, e in shares.items() if e > 0}
+        units: dict[Leaf, int] = {}
+        seen: set[tuple] = set()
+        for (node, _item, _d), t in self.spaces.items():
+            if node.op == "get_attr":
+                continue
+            for term in _product_terms(norm(t)):
+                key = tuple(id(x) for x in term)
+                if key in seen:
+                    continue
+                seen.add(key)
+                for leaf in term:
+                    if leaf not in pruned:
+                        continue
+                    rest = 1
+                    for other in term:
+                        if other is not leaf and other not in pruned and _is_int(other.size):
+                            rest *= other.size
+                    u = round_to // math.gcd(round_to, rest)
+                    units[leaf] = math.lcm(units.get(leaf, 1), u)
+        return {g: (units.get(leaf, round_to) if leaf in pruned else 1) for leaf, g in by_leaf.items()}
+
     def param_coords(self, group: ChannelGroup) -> list[tuple[str, int, torch.Tensor]]:
         """Where the group's channels sit in each parameter dim: (target, dim, channel index per position)."""
         out = []
@@ -862,7 +1007,9 @@ class ChannelAnalysis:
             if len(pr) > limit:
                 lines.append(f"  ... {len(pr) - limit} more")
         kernel = [g for g in fr if g.frozen == [KERNEL_WINDOW]]
-        shown = [g for g in fr if g.frozen != [KERNEL_WINDOW] and not (_is_int(g.size) and g.size < 2)]
+        tables = [g for g in fr if g.frozen != [KERNEL_WINDOW] and not any(p.is_parameter for p in g.params)]
+        table_ids = {id(g) for g in tables}
+        shown = [g for g in fr if g.frozen != [KERNEL_WINDOW] and not (_is_int(g.size) and g.size < 2) and id(g) not in table_ids]
         if shown:
             lines.append("not prunable:")
             for g in shown[:limit]:
@@ -871,7 +1018,9 @@ class ChannelAnalysis:
                 lines.append(f"  ... {len(shown) - limit} more")
         hidden = len(fr) - len(shown)
         if hidden:
-            lines.append(f"  (not listed: {len(kernel)} convolution kernel-window dims, {hidden - len(kernel)} single-channel dims)")
+            single = hidden - len(kernel) - len(tables)
+            lines.append(f"  (not listed: {len(kernel)} convolution kernel-window dims, {len(tables)} dims of buffers only "
+                         f"(index tables, not channels), {single} single-channel dims)")
         if self.unsupported:
             ops = ", ".join(f"{op} x{len(ns)} ({', '.join(ns[:3])}{', ...' if len(ns) > 3 else ''})" for op, ns in self.unsupported.items())
             lines.append(f"ops without a channel rule (their spaces are frozen): {ops}")
@@ -937,28 +1086,109 @@ def analyze_channels(gm: fx.GraphModule, *, layer_norm: str = "approximate", ign
     return ChannelAnalysis(gm, layer_norm=layer_norm, ignore=ignore)
 
 
-def _consistent_values(gm: fx.GraphModule, notes: list[str]) -> dict[fx.Node, Any] | None:
-    """Shapes to analyse with, when the captured ``meta["val"]`` cannot be trusted.
-
-    A graph captured from a sample of batch 1 (size-oblivious export) carries some ``meta["val"]``
-    with a literal 1 where the dynamic batch flows (e.g. linear outputs). The analysis then
-    re-propagates fake tensors from the placeholders with every dynamic dim at a hint of 7, which
-    gives one consistent symbol per dynamic size. Otherwise (no dynamic dim, or hints >= 2) the
-    stored values are used as they are.
-    """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
-
-    placeholders = gm.graph.find_nodes(op="placeholder")
-    suspicious = False
-    for p in placeholders:
+def _batch_one(gm: fx.GraphModule) -> bool:
+    """Whether a placeholder has a dynamic dim whose sample size was < 2 (a batch-1 capture)."""
+    for p in gm.graph.find_nodes(op="placeholder"):
         val = p.meta.get("val")
         if isinstance(val, torch.Tensor):
             for s in val.shape:
                 if isinstance(s, torch.SymInt) and (s.node.hint is None or s.node.hint < 2):
-                    suspicious = True
-    if not suspicious:
+                    return True
+    return False
+
+
+def _consistent_shapes(gm: fx.GraphModule, notes: list[str]) -> dict[Key, tuple] | None:
+    """Shapes that replace the captured ``meta["val"]`` ones where those cannot be trusted.
+
+    A graph captured from a sample of batch 1 (size-oblivious export) carries some ``meta["val"]``
+    with a literal 1 where the dynamic batch flows (e.g. the MLP after torchvision's attention).
+    The shapes are re-propagated with meta tensors, the batch at a prime (1009), and mapped back to
+    the batch symbol; where that cannot be done (several dynamic sizes, an op without a meta kernel,
+    a size that does not map back), by a fake-tensor pass with a dynamic-dim hint of 7 (several
+    times slower). Returns the shapes that differ from the stored ones (None or {}: none differ).
+    """
+    try:
+        fix = _meta_shapes(gm)
+    except Exception:  # noqa: BLE001 - an op without a meta kernel, a data-dependent size: the fallback
+        fix = None
+    if fix is not None:
+        return fix
+    return _fake_shapes(gm, notes)
+
+
+_PRIME = 1009
+
+
+def _meta_shapes(gm: fx.GraphModule) -> dict[Key, tuple] | None:
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    syms = set()
+    for p in placeholders:
+        val = p.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            for x in val.shape:
+                if isinstance(x, torch.SymInt):
+                    syms.add(x.node.expr)
+    if len(syms) != 1 or not next(iter(syms)).is_Symbol:
         return None
+    sym = next(iter(syms))
+    meta = torch.device("meta")
+
+    class _Prop(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            if n.op == "placeholder":
+                v = n.meta.get("val")
+                if not isinstance(v, torch.Tensor):
+                    return v
+                return torch.empty([_PRIME if isinstance(x, torch.SymInt) else int(x) for x in v.shape], dtype=v.dtype, device=meta)
+            if n.op == "get_attr":
+                v = get_attr_value(self.module, n.target)
+                return torch.empty_like(v, device=meta) if isinstance(v, torch.Tensor) else v
+            if n.op == "call_function":
+                if n.meta.get("val") is None and n.target is not operator.getitem:
+                    return None  # assertions (_assert_tensor_metadata, ...) and other ops without a value
+                if "device" in n.kwargs:
+                    args, kwargs = self.fetch_args_kwargs_from_env(n)
+                    return n.target(*args, **dict(kwargs, device=meta))
+            return super().run_node(n)
+
+    interp = _Prop(gm, garbage_collect_values=False)
+    interp.run(*[None] * len(placeholders))
+    env = interp.env
+    fix: dict[Key, tuple] = {}
+    for node in gm.graph.nodes:
+        for key in _tensor_keys(node):
+            stored = node.meta["val"] if key[1] is None else node.meta["val"][key[1]]
+            got = env.get(node)
+            if key[1] is not None:
+                got = got[key[1]] if isinstance(got, (list, tuple)) else None
+            if not isinstance(got, torch.Tensor) or got.dim() != stored.dim():
+                return None
+            new, changed = [], False
+            for a, v in zip(stored.shape, got.shape):
+                a, v = size_of(a), int(v)
+                if _is_int(a) and a == v:
+                    new.append(a)
+                    continue
+                if not _is_int(a) and a.free_symbols <= {sym} and int(a.subs(sym, _PRIME)) == v:
+                    new.append(a)
+                    continue
+                changed = True
+                if v % _PRIME == 0:
+                    new.append(v // _PRIME * sym if v // _PRIME != 1 else sym)
+                elif v < _PRIME:
+                    new.append(v)
+                else:
+                    return None
+            if changed:
+                fix[key] = tuple(new)
+    return fix
+
+
+def _fake_shapes(gm: fx.GraphModule, notes: list[str]) -> dict[Key, tuple] | None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    placeholders = gm.graph.find_nodes(op="placeholder")
     mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
     results: dict[fx.Node, Any] = {}
 
@@ -989,7 +1219,86 @@ def _consistent_values(gm: fx.GraphModule, notes: list[str]) -> dict[fx.Node, An
     except Exception as exc:  # noqa: BLE001 - fall back to the stored values, and say so
         notes.append(f"shapes taken from meta['val'] (re-propagation failed: {type(exc).__name__}: {exc})")
         return None
-    return results
+    fix: dict[Key, tuple] = {}
+    for node, val in results.items():
+        for key in _tensor_keys(node):
+            v = val if key[1] is None else (val[key[1]] if isinstance(val, (list, tuple)) else None)
+            if isinstance(v, torch.Tensor):
+                fix[key] = tuple(size_of(x) for x in v.shape)
+    return fix
+
+
+FACTOR_POLICIES = ("inner", "outer", "balanced")
+
+
+def _product_constraints(trees: Iterable[Any], prunable: Iterable[Leaf]) -> list[list[list[Leaf]]]:
+    """Every product (a ``Prod`` node of a normalized layout) with two or more factors holding
+    prunable classes, as its list of factors (each the prunable classes under that factor, in
+    row-major order), each distinct product once."""
+    prunable = set(prunable)
+    seen: set[tuple] = set()
+    out: list[list[list[Leaf]]] = []
+
+    def walk(t) -> list[Leaf]:
+        if type(t) is Leaf:
+            return [t] if t in prunable else []
+        if type(t) is Sum:
+            res: list[Leaf] = []
+            for p in t.parts:
+                res.extend(x for x in walk(p) if x not in res)
+            return res
+        sets = [walk(f) for f in t.parts]
+        nonempty = [fs for fs in sets if fs]
+        if len(nonempty) >= 2:
+            key = tuple(tuple(id(x) for x in fs) for fs in nonempty)
+            if key not in seen:
+                seen.add(key)
+                out.append(nonempty)
+        res = []
+        for fs in sets:
+            res.extend(x for x in fs if x not in res)
+        return res
+
+    for t in trees:
+        t = norm(t)
+        if type(t) is not Leaf:
+            walk(t)
+    return out
+
+
+_MAX_TERMS = 256
+
+
+def _product_terms(t, exact: bool = False) -> list[list[Leaf]] | None:
+    """A normalized layout as a sum of products of classes (each term the classes multiplied in
+    one index range). Past _MAX_TERMS terms: None when ``exact``, else each class alone (the
+    conservative answer for rounding)."""
+
+    def expand(t) -> list[list[Leaf]] | None:
+        if type(t) is Leaf:
+            return [[t]]
+        if type(t) is Sum:
+            out: list[list[Leaf]] = []
+            for p in t.parts:
+                sub = expand(p)
+                if sub is None:
+                    return None
+                out.extend(sub)
+            return out if len(out) <= _MAX_TERMS else None
+        terms: list[list[Leaf]] = [[]]
+        for f in t.parts:
+            ft = expand(f)
+            if ft is None:
+                return None
+            terms = [a + b for a in terms for b in ft]
+            if len(terms) > _MAX_TERMS:
+                return None
+        return terms
+
+    out = expand(t)
+    if out is None and not exact:
+        return [[x] for x in leaves(t)]
+    return out
 
 
 def _module_path(node: fx.Node) -> str:
@@ -1067,6 +1376,7 @@ class _Ctx:
         cur = self.an.spaces.get(k)
         if cur is None:
             if not _eq(norm(tree).size, self.shape(key)[d]):
+                self.an._suspect = self.an._suspect or not (_is_int(norm(tree).size) and _is_int(self.shape(key)[d]))
                 reason = (f"{op_name(self.node)} (node {self.node.name}): sizes disagree "
                           f"({norm(tree).size} vs {self.shape(key)[d]})")
                 freeze_tree(tree, reason)
@@ -1084,6 +1394,7 @@ class _Ctx:
         try:
             unify(ta, tb)
         except Mismatch as exc:
+            self.an._suspect = self.an._suspect or self.an._dynamic(self.an._io_keys(self.node))
             reason = f"{op_name(self.node)} (node {self.node.name}){' ' + why if why else ''}: {exc}"
             freeze_tree(ta, reason)
             freeze_tree(tb, reason)
@@ -1213,7 +1524,7 @@ _EXTRA_POINTWISE = set(
         "hardswish", "hardswish_", "dropout", "dropout_", "feature_dropout", "alpha_dropout", "feature_alpha_dropout",
         "clone", "contiguous", "alias", "detach", "detach_", "lift_fresh_copy", "_to_copy", "to.dtype", "to.device",
         "to.dtype_layout", "to.other", "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
-        "copy_", "copy", "fill_.Scalar", "fill.Scalar", "zero_", "zero", "hardsigmoid_", "silu_", "gelu_", "mish", "mish_",
+        "copy_", "copy", "fill_.Scalar", "fill.Scalar", "fill_.Tensor", "fill.Tensor", "zero_", "zero", "hardsigmoid_", "silu_", "gelu_", "mish", "mish_",
     )
 )
 
@@ -1552,6 +1863,7 @@ def _embedding(ctx: _Ctx) -> None:
     for d in range(ni):
         ctx.same(idx, d, ctx.out, d)
     ctx.same(w, 1, ctx.out, ni)
+    ctx.freeze(w, 0, "the vocabulary (rows looked up by index)")
 
 
 # ---- attention
@@ -1645,11 +1957,139 @@ for _k, _names in {
 
 @_rule(*_ops("constant_pad_nd", "pad"))
 def _pad(ctx: _Ctx) -> None:
-    """pad: padded (last len(pad)/2) dims are frozen; the others tie to the output."""
+    """pad: a dim whose (before, after) pad is (0, 0) ties to the output, as do the dims the pad
+    list does not reach; a really padded (or cropped) dim is frozen."""
     x = ctx.key(ctx.a["self"])
-    k = len(ctx.a["pad"]) // 2
-    for d in range(ctx.nd(x) - k):
-        ctx.same(x, d, ctx.out, d)
+    pad = list(ctx.a["pad"])
+    nx = ctx.nd(x)
+    for d in range(nx):
+        i = nx - 1 - d  # the pad list runs from the last dim backwards, a (before, after) pair each
+        pair = pad[2 * i : 2 * i + 2]
+        if not pair or all(isinstance(p, int) and p == 0 for p in pair):
+            ctx.same(x, d, ctx.out, d)
+        else:
+            ctx.freeze(x, d, f"padded dim {d} (pad {pair})")
+            ctx.freeze(ctx.out, d, f"padded dim {d} (pad {pair})")
+
+
+@_rule(*_ops("roll"))
+def _roll(ctx: _Ctx) -> None:
+    """roll: a rolled dim is frozen (a cyclic shift of its positions); the other dims tie to the
+    output. A roll of the flattened tensor (no dims) freezes every dim."""
+    x = ctx.key(ctx.a["self"])
+    nx = ctx.nd(x)
+    dims = list(ctx.a.get("dims") or [])
+    if not dims:
+        raise Unsupported("roll of the flattened tensor")
+    rolled = {d % nx for d in dims}
+    for d in range(nx):
+        if d in rolled:
+            ctx.freeze(x, d, f"rolled dim {d} (cyclic shift)")
+            ctx.freeze(ctx.out, d, f"rolled dim {d} (cyclic shift)")
+        else:
+            ctx.same(x, d, ctx.out, d)
+
+
+def _index_tensors(ctx: _Ctx, indices: Sequence[Any]) -> list[tuple[int, Key]]:
+    out = []
+    for i, t in enumerate(indices):
+        if t is None:
+            continue
+        k = ctx.key(t)
+        if k is None:
+            raise Unsupported("an index that is not a tensor")
+        if k[0].meta["val"].dtype in (torch.bool, torch.uint8):
+            raise Unsupported("a boolean mask index (data-dependent positions)")
+        out.append((i, k))
+    return out
+
+
+@_rule(*_ops("index.Tensor", "_unsafe_index.Tensor"))
+def _index(ctx: _Ctx) -> None:
+    """index (advanced indexing, x[..., idx, ...] with integer index tensors): the indexed dims of
+    x are frozen (positions are gathered); x's other dims tie to the output dims they land on; the
+    index tensors' dims tie (broadcast) to the output's gathered dims."""
+    x = ctx.key(ctx.a["self"])
+    nx, no = ctx.nd(x), ctx.nd(ctx.out)
+    idx = _index_tensors(ctx, list(ctx.a["indices"]))
+    pos = [i for i, _ in idx]
+    if not idx:
+        for d in range(nx):
+            ctx.same(x, d, ctx.out, d)
+        return
+    nb = no - (nx - len(pos))  # rank of the broadcast index shape
+    adjacent = pos == list(range(pos[0], pos[-1] + 1))
+    first = pos[0] if adjacent else 0
+    # adjacent index tensors put the broadcast dims where they stand, else in front (numpy rules)
+    for j, d in enumerate(d for d in range(nx) if d not in pos):
+        if not adjacent:
+            od = nb + j
+        else:
+            od = d if d < first else d - len(pos) + nb
+        ctx.same(x, d, ctx.out, od)
+    for d in pos:
+        ctx.freeze(x, d, f"indexed dim {d} (gathered positions)")
+    for _, k in idx:
+        ctx.broadcast(k, ctx.out, None, list(range(first, first + nb)))
+
+
+@_rule(*_ops("index_select"))
+def _index_select(ctx: _Ctx) -> None:
+    """index_select: the indexed dim of x is frozen; the index ties to that output dim; the other
+    dims tie to the output."""
+    x, i = ctx.key(ctx.a["self"]), ctx.key(ctx.a["index"])
+    nx = ctx.nd(x)
+    dim = ctx.a["dim"] % max(nx, 1)
+    for d in range(nx):
+        if d == dim:
+            ctx.freeze(x, d, f"indexed dim {d} (gathered positions)")
+        else:
+            ctx.same(x, d, ctx.out, d)
+    if ctx.nd(i) == 1 and nx >= 1:
+        ctx.same(i, 0, ctx.out, dim)
+    else:
+        for d in range(ctx.nd(i)):
+            ctx.touch(i, d)
+
+
+@_rule(*_ops("gather"))
+def _gather(ctx: _Ctx) -> None:
+    """gather along ``dim``: the output has the index's shape; that dim of x is frozen (gathered);
+    every other dim ties index, output and (where the sizes agree) x."""
+    x, i = ctx.key(ctx.a["self"]), ctx.key(ctx.a["index"])
+    nx = ctx.nd(x)
+    if ctx.nd(i) != nx:
+        raise Unsupported("index rank differs from the input's")
+    dim = ctx.a["dim"] % max(nx, 1)
+    for d in range(nx):
+        ctx.same(i, d, ctx.out, d)
+        if d == dim:
+            ctx.freeze(x, d, f"gathered dim {d}")
+        elif _eq(ctx.shape(x)[d], ctx.shape(i)[d]):
+            ctx.same(x, d, ctx.out, d)
+        else:
+            ctx.freeze(x, d, f"dim {d} is read partially by the index")
+
+
+@_rule(*_ops("new_zeros", "new_ones", "new_empty", "new_full"))
+def _new_tensor(ctx: _Ctx) -> None:
+    """new_zeros/new_ones/new_full/new_empty: the input lends only its dtype and device (its dims
+    are untouched); the new tensor's dims have constant sizes and are frozen."""
+    x = ctx.key(ctx.a["self"])
+    for d in range(ctx.nd(x)):
+        ctx.touch(x, d)
+    for d in range(ctx.nd(ctx.out)):
+        ctx.freeze(ctx.out, d, "a new tensor of a constant size")
+
+
+@_rule(*_ops("expand_as"))
+def _expand_as(ctx: _Ctx) -> None:
+    """expand_as: the output has ``other``'s shape (its dims tie to other's); x's dims broadcast
+    onto it (size-1 dims tie nothing)."""
+    x, o = ctx.key(ctx.a["self"]), ctx.key(ctx.a["other"])
+    for d in range(ctx.nd(o)):
+        ctx.same(o, d, ctx.out, d)
+    ctx.broadcast(x, ctx.out)
 
 
 @_rule(*_ops("pixel_shuffle"))
@@ -1778,6 +2218,7 @@ def _unbind(ctx: _Ctx) -> None:
         for d in range(ctx.nd(x)):
             if d != dim:
                 ctx.same(x, d, o, d if d < dim else d - 1)
+    ctx.freeze(x, dim, f"unbound dim {dim} (each position is a separate output)")
 
 
 @_rule(*_ops("select.int"))
@@ -1788,6 +2229,7 @@ def _select(ctx: _Ctx) -> None:
     for d in range(ctx.nd(x)):
         if d != dim:
             ctx.same(x, d, ctx.out, d if d < dim else d - 1)
+    ctx.freeze(x, dim, f"selects position {ctx.a['index']} of dim {dim} (a fixed position, e.g. q/k/v of a fused projection)")
 
 
 def _slice_bounds(n: Size, start: Any, end: Any) -> tuple[int, int] | None:

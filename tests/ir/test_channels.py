@@ -16,7 +16,7 @@ from fxpress.ir.capture import capture
 from fxpress.ir.channels import Leaf, Mismatch, Prod, Sum, analyze_channels, leaves, norm, rule_table, unify
 from fxpress.passes.prune.channel_prune import mask_plan
 from fxpress.prune_api import prune, prune_report
-from tests.models import inverted_residual, mha_block, randomize_bn, residual_block, transformer_block
+from tests.models import ALL_SMALL, inverted_residual, mha_block, randomize_bn, residual_block, transformer_block
 
 
 def _groups_with(an, target: str, dim: int):
@@ -456,3 +456,165 @@ def test_einsum_ties_dims_by_letter():
     assert ("w2", 0) in _targets(g) and g.prunable
     pruned, _ = _check_oracle(m, args)
     assert pruned.w1.shape == (4, 6)
+
+
+# ---------------------------------------------------------------------------------------------
+# pad, roll, indexing, new tensors, expand_as (swin's window attention uses all of them)
+
+
+class ChannelsLastPad(nn.Module):
+    """[B, H, W, C] features padded on W only (pad pair (0, 0) on C), as swin pads to the window."""
+
+    def __init__(self, pad=(0, 0, 1, 1)):
+        super().__init__()
+        self.pad = pad
+        self.a = nn.Linear(3, 8)
+        self.b = nn.Linear(8 + pad[0] + pad[1], 2)
+
+    def forward(self, x):
+        y = F.relu(self.a(x.permute(0, 2, 3, 1)))
+        return self.b(F.pad(y, self.pad))
+
+
+def test_pad_ties_dims_with_zero_padding_and_freezes_padded_ones():
+    m, args = ChannelsLastPad().eval(), (torch.randn(2, 3, 4, 4),)
+    an = analyze_channels(capture(m, args))
+    g = _group(an, "a.weight", 0)
+    assert g.prunable and ("b.weight", 1) in _targets(g)
+    pruned, _ = _check_oracle(m, args)
+    assert pruned.a.weight.shape == (4, 3)
+    # padding the channel dim itself freezes it, with the pad named
+    m2 = ChannelsLastPad(pad=(0, 2, 1, 0)).eval()
+    g2 = _group(analyze_channels(capture(m2, args)), "a.weight", 0)
+    assert not g2.prunable and "padded dim 3" in g2.why_not
+
+
+class Rolled(nn.Module):
+    """swin's shifted windows: roll along H and W of [B, H, W, C]."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 8)
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = F.relu(self.a(x.permute(0, 2, 3, 1)))
+        return self.b(torch.roll(y, shifts=(-1, -1), dims=(1, 2)))
+
+
+def test_roll_freezes_rolled_dims_only():
+    m, args = Rolled().eval(), (torch.randn(2, 3, 4, 4),)
+    gm = capture(m, args)
+    an = analyze_channels(gm)
+    assert _group(an, "a.weight", 0).prunable
+    rolled = [key for key in an.spaces if key[0].target == torch.ops.aten.roll.default]
+    frozen = [norm(an.spaces[k]).frozen for k in rolled if k[2] in (1, 2)]
+    assert frozen and all(f and any("rolled dim" in r for r in f) for f in frozen)
+    _check_oracle(m, args)
+
+
+class RelativeBias(nn.Module):
+    """swin's relative position bias: table[index] gives a [N*N, heads] bias added per head."""
+
+    def __init__(self, n=3, heads=4, k=5):
+        super().__init__()
+        self.n, self.heads = n, heads
+        self.table = nn.Parameter(torch.randn(k, heads))
+        self.register_buffer("index", torch.randint(0, k, (n * n,)))
+        self.logits = nn.Linear(6, heads * n)
+        self.out = nn.Linear(heads * n, 2)
+
+    def forward(self, x):  # x: [B, n, 6]
+        b = x.shape[0]
+        a = self.logits(x).view(b, self.n, self.heads, self.n).permute(0, 2, 1, 3)  # [B, heads, n, n]
+        bias = self.table[self.index].view(self.n, self.n, self.heads).permute(2, 0, 1)
+        a = F.relu(a + bias)
+        return self.out(a.permute(0, 2, 1, 3).reshape(b, self.n, self.heads * self.n))
+
+
+def test_index_ties_the_table_to_heads_and_freezes_the_gathered_dim():
+    m, args = RelativeBias().eval(), (torch.randn(2, 3, 6),)
+    an = analyze_channels(capture(m, args))
+    heads = _group(an, "table", 1)
+    assert heads.prunable and ("logits.weight", 0) in _targets(heads) and ("out.weight", 1) in _targets(heads)
+    rows = _group(an, "table", 0)
+    assert not rows.prunable and "indexed dim 0" in rows.why_not
+    _check_oracle(m, args, factors="outer")  # prune the heads
+
+
+class Gathers(nn.Module):
+    """index_select, gather and w[:, i, :, j] (non-adjacent index tensors: gathered dims go first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 2)
+        self.register_buffer("i", torch.tensor([1, 0]))
+        self.register_buffer("j", torch.tensor([1, 3]))
+
+    def forward(self, x):  # [B, 4, 4]
+        y = F.relu(self.a(x))  # [B, 4, 8]
+        s = y.index_select(1, self.j)  # [B, 2, 8]
+        g = torch.gather(y, 1, self.j.view(1, 2, 1).expand(y.shape[0], 2, y.shape[2]))  # [B, 2, 8]
+        w = y.view(y.shape[0], 2, 2, 8).permute(0, 1, 3, 2)  # [B, 2, 8, 2]
+        t = w[:, self.i, :, self.j % 2].permute(1, 0, 2)  # [2, B, 8] -> [B, 2, 8]
+        return self.b(s + g + t)
+
+
+def test_index_select_gather_and_advanced_indexing_keep_channels():
+    m, args = Gathers().eval(), (torch.randn(3, 4, 4),)
+    an = analyze_channels(capture(m, args))
+    assert _group(an, "a.weight", 0).prunable
+    pruned, _ = _check_oracle(m, args)
+    assert pruned.a.weight.shape == (4, 4)
+
+
+class NewTensors(nn.Module):
+    """x.new_zeros((...)) lends only dtype/device; gate.expand_as(y) broadcasts onto y."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.gate = nn.Linear(8, 1)
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        mask = y.new_zeros((3, 3))
+        mask[1:, :] = 1.0
+        return self.b(torch.sigmoid(self.gate(y)).expand_as(y) * y) + mask.sum()
+
+
+def test_new_zeros_and_expand_as_keep_channels():
+    m, args = NewTensors().eval(), (torch.randn(2, 5, 4),)
+    an = analyze_channels(capture(m, args))
+    g = _group(an, "a.weight", 0)
+    assert g.prunable and ("b.weight", 1) in _targets(g) and ("gate.weight", 1) in _targets(g)
+    _check_oracle(m, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# batch-1 captures
+
+
+def _signature(an):
+    return sorted((str(g.size), g.prunable, tuple(sorted((p.target, p.dim) for p in g.params))) for g in an.groups)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_SMALL))
+def test_batch_one_capture_analyses_like_batch_two_without_a_fake_tensor_pass(name, monkeypatch):
+    """A batch-1 capture may carry literal 1s where the batch flows (mha_block's MLP): the analysis
+    re-propagates shapes with meta tensors only when a rule failed on a dynamic size, and never
+    needs the slow fake-tensor pass for these models."""
+    import fxpress.ir.channels as channels
+
+    def no_fake(*a, **k):
+        raise AssertionError("fake-tensor pass used")
+
+    monkeypatch.setattr(channels, "_fake_shapes", no_fake)
+    m1, a1 = ALL_SMALL[name](batch=1)
+    m2, a2 = ALL_SMALL[name](batch=2)
+    one = analyze_channels(capture(m1, a1))
+    assert _signature(one) == _signature(analyze_channels(capture(m2, a2)))
+    if name == "mha_block":
+        assert one._fix, "expected stored batch-1 shapes that disagree"

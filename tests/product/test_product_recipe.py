@@ -51,6 +51,7 @@ config = "int8_static"
         ('[[stage]]\nkind = "quantize"\nconfg = "int8_static"', r"stage 1 \(quantize\): unknown option 'confg'\. Did you mean 'config'\?"),
         ('[[stage]]\nkind = "prune"\nratio = "0.5"', r"stage 1 \(prune\): option 'ratio' must be float, got str '0\.5'"),
         ('[[stage]]\nkind = "prune"\nratio = 1.5', r"stage 1 \(prune\): ratio must be a number in \[0, 1\)"),
+        ('[[stage]]\nkind = "prune"\nfactors = "middle"', r"stage 1 \(prune\): factors must be"),
         ('[[stage]]\nkind = "prune"\n\n[[stage]]\nkind = "quantise"', r"stage 2: unknown kind 'quantise'\. Did you mean 'quantize'\?"),
         ('[[stage]]\nratio = 0.5', r"stage 1: no 'kind'"),
         ('[[stages]]\nkind = "prune"', r"unknown top-level key 'stages'\. Did you mean 'stage'\?"),

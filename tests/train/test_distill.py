@@ -77,7 +77,7 @@ def _digits_like():
     return model, torch.rand(4, 1, 8, 8)
 
 
-def test_auto_hints_pair_the_pruned_blocks_by_name_with_adapters():
+def test_auto_hints_pair_the_pruned_blocks_by_name_on_the_kept_channels():
     model, x = _digits_like()
     pruned = fxpress.prune(model, (x,), ratio=0.5)
     teacher = fxpress.capture(model, (x,))
@@ -85,6 +85,12 @@ def test_auto_hints_pair_the_pruned_blocks_by_name_with_adapters():
     names = [p.student for p in pairs]
     assert names == ["relu", "relu_1", "relu_3", "mean"], (names, skipped)  # block ends; 4 evenly spaced of 5
     assert all(p.student == p.teacher for p in pairs)
+    # the pruning plans say which teacher channels each student channel is: no adapter to learn
+    assert pairs[0].adapter == "the 4 kept of 8 channels (dim 1)" and pairs[-1].adapter == "the 8 kept of 16 channels (dim 1)"
+    assert all(p.kept is not None and len(p.kept) == p.student_shape[1] for p in pairs)
+    # without the plans (a graph whose widths changed some other way) a learned adapter bridges them
+    pruned.meta["fxpress"]["prune_reports"] = []
+    pairs = select_hints(pruned, teacher, "auto")[0]
     assert pairs[0].adapter == "1x1 conv 4 -> 8 (dim 1)" and pairs[-1].adapter == "linear 8 -> 16 (dim 1)"
     assert any(n == "linear" for n, _ in skipped) or "linear" not in names  # the output is the output loss's
     # nothing rewritten: nothing to hint

@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from ...ir.channels import KERNEL_WINDOW, ChannelAnalysis, ChannelGroup, PruningPlan, analyze_channels
+from ...ir.channels import FACTOR_POLICIES, KERNEL_WINDOW, ChannelAnalysis, ChannelGroup, PruningPlan, analyze_channels
 from ...ir.cost import count_params, total_macs
 from ...ir.graph import get_attr_value
 from ...ir.report import PassReport
@@ -142,9 +142,13 @@ class PruneReport:
         return "\n".join(lines)
 
 
-def validate_options(ratio: Any, importance: Any, round_to: Any, min_channels: Any, max_ratio: Any, reduction: Any) -> None:
+def validate_options(ratio: Any, importance: Any, round_to: Any, min_channels: Any, max_ratio: Any, reduction: Any,
+                     factors: Any = "inner") -> None:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0.0 <= float(ratio) < 1.0):
         raise ValueError(f"ratio must be a number in [0, 1) (the fraction of channels removed per group), got {ratio!r}")
+    if factors not in FACTOR_POLICIES:
+        raise ValueError(f"factors must be one of {', '.join(map(repr, FACTOR_POLICIES))} (which factor of a product of "
+                         f"channel groups, e.g. heads x head dim, takes the ratio), got {factors!r}")
     if not callable(importance) and importance not in IMPORTANCES:
         raise ValueError(f"unknown importance {importance!r}; choose one of {', '.join(IMPORTANCES)} or pass a callable")
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
@@ -199,12 +203,17 @@ def _describe(g: ChannelGroup) -> str:
 class ChannelPrune(Pass):
     """Remove ``ratio`` of the channels of every prunable group (see the module docstring).
 
-    ratio: fraction of channels removed per group (local) or overall (global), in [0, 1).
+    ratio: fraction of channels removed per group (local) or overall (global), in [0, 1); a product
+        dim's factors share it (see ``factors``).
     importance: l1, l2, bn_scale, random, taylor, lamp, or ``f(analysis, group) -> scores``.
     reduction: how a group's members combine (mean, sum, max).
     global_pruning: rank channels across groups instead of within each group.
-    round_to: keep a multiple of this many channels per group.
+    round_to: keep a multiple of this many channels in every activation channel dim a group shrinks.
     min_channels: keep at least this many channels per group.
+    factors: where a tensor dim is a product of prunable groups (grouped conv: groups x channels per
+        group; attention: heads x head dim), which shrink so that the dim loses ``ratio``: "inner"
+        (channels per group, head dims; as Torch-Pruning), "outer" (whole groups, whole heads) or
+        "balanced" (each of k factors keeps (1 - ratio) ** (1/k)).
     max_ratio: with global pruning, remove at most this fraction of any group.
     ignore: module paths or node names whose output channels are kept.
     layer_norm: "approximate" (prune through layer/rms norms) or "freeze".
@@ -229,8 +238,9 @@ class ChannelPrune(Pass):
         example_inputs: Any = None,
         loss_fn: Callable | None = None,
         seed: int = 0,
+        factors: str = "inner",
     ):
-        validate_options(ratio, importance, round_to, min_channels, max_ratio, reduction)
+        validate_options(ratio, importance, round_to, min_channels, max_ratio, reduction, factors)
         if importance == "taylor" and example_inputs is None:
             raise ValueError("the taylor importance needs example_inputs (a batch to take gradients on)")
         self.ratio = float(ratio)
@@ -245,6 +255,7 @@ class ChannelPrune(Pass):
         self.example_inputs = example_inputs
         self.loss_fn = loss_fn
         self.seed = seed
+        self.factors = factors
 
     def run(self, gm: fx.GraphModule, report: PassReport) -> None:
         analysis = analyze_channels(gm, layer_norm=self.layer_norm, ignore=self.ignore)
@@ -287,6 +298,8 @@ class ChannelPrune(Pass):
         for g in analysis.frozen:
             if g.frozen == [KERNEL_WINDOW] or not isinstance(g.size, int) or g.size < 2:
                 continue
+            if not any(p.is_parameter for p in g.params):
+                continue  # dims of buffers only (index tables, position ids): not channels
             rep.frozen_groups.append((_describe(g), g.why_not or ""))
         grads = None
         if self.importance == "taylor":
@@ -296,7 +309,16 @@ class ChannelPrune(Pass):
         param_ids = {id(p) for p in gm.parameters()}
         scores: dict[ChannelGroup, torch.Tensor] = {}
         used = set()
+        shares = analysis.product_shares(self.factors)
+        whole = [g for g, e in shares.items() if e == 0]
+        if whole and self.ratio > 0:
+            rep.notes.append(
+                f"factors={self.factors!r}: {len(whole)} groups are factors of product dims (conv groups, attention "
+                f"heads, ...) that keep all their channels while the other factor shrinks, e.g. {_describe(whole[0])}")
+        units = analysis.round_units(self.round_to, shares) if self.round_to > 1 else None
         for g in analysis.prunable:
+            if shares.get(g, 1.0) == 0:
+                continue
             s, crit = group_scores(analysis, g, self.importance, reduction=self.reduction, grads=grads, generator=gen, bn_weights=bn, param_ids=param_ids)
             scores[g] = s
             used.add(crit)
@@ -312,6 +334,8 @@ class ChannelPrune(Pass):
             min_channels=self.min_channels,
             max_ratio=self.max_ratio,
             comparable=self.importance in ("lamp", "random"),
+            shares=shares,
+            round_units=units,
         )
         rep.approximate = [a for a in rep.approximate if any(f"#{g.id}:" in a for g in keep)]
         return {"keep": keep, "report": rep}

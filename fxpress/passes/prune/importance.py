@@ -20,6 +20,12 @@ Selection: locally each group removes ``floor(size * ratio)`` of its lowest-scor
 globally the scores are made comparable (divided by the group's mean score; LAMP scores are already
 comparable) and the lowest ``ratio`` of all prunable channels go, at most ``max_ratio`` of any group.
 Either way a group keeps at least ``min_channels`` channels and, with ``round_to``, a multiple of it.
+Groups that are factors of a product space (a grouped conv's groups x channels per group, attention's
+heads x head dim) take a *share* of the ratio so that the tensor dim, not each factor, shrinks by
+``ratio`` (``ChannelAnalysis.product_shares``): a group with share ``e`` keeps ``(1 - ratio) ** e`` of
+its channels (e = 0: kept whole), and globally the budget is the sum of those local removals. With
+``round_to`` a factor rounds to the multiple that keeps each activation dim it occurs in a multiple
+of ``round_to`` (``ChannelAnalysis.round_units``): 32 groups x 3 channels is a multiple of 8.
 """
 
 from __future__ import annotations
@@ -171,11 +177,19 @@ def _lamp(s: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _keep_count(n: int, n_prune: int, round_to: int, min_channels: int) -> int:
+def _keep_count(n: int, n_prune: int, unit: int, min_channels: int) -> int:
     keep = n - n_prune
-    if round_to > 1:
-        keep = min(n, math.ceil(keep / round_to) * round_to)
+    if unit > 1:
+        keep = min(n, math.ceil(keep / unit) * unit)
     return max(keep, min(min_channels, n))
+
+
+def _removal(n: int, ratio: float, share: float) -> int:
+    """Channels removed from a group of ``n`` whose keep fraction is ``(1 - ratio) ** share``."""
+    if share <= 0:
+        return 0
+    frac = ratio if share == 1 else 1.0 - (1.0 - ratio) ** share
+    return math.floor(n * frac + 1e-9)
 
 
 def select_channels(
@@ -187,36 +201,47 @@ def select_channels(
     min_channels: int = 1,
     max_ratio: float = 1.0,
     comparable: bool = False,
+    shares: Mapping[ChannelGroup, float] | None = None,
+    round_units: Mapping[ChannelGroup, int] | None = None,
 ) -> dict[ChannelGroup, torch.Tensor]:
     """The kept channel indices (sorted) of every group that loses channels.
 
     comparable: scores are already comparable across groups (LAMP, random); otherwise global
     ranking divides each group's scores by their mean.
+    shares: per group, the exponent of its keep fraction (``ChannelAnalysis.product_shares``):
+    a group keeps ``(1 - ratio) ** share`` of its channels (default 1; 0: the group is not pruned).
+    round_units: per group, the multiple its kept count is rounded up to (default ``round_to``;
+    ``ChannelAnalysis.round_units`` makes every activation dim a multiple of ``round_to``).
     """
     plan: dict[ChannelGroup, torch.Tensor] = {}
     if ratio <= 0:
         return plan
+    share = {g: (1.0 if shares is None else shares.get(g, 1.0)) for g in scores}
+    live = {g: s for g, s in scores.items() if share[g] > 0}
     counts: dict[ChannelGroup, int] = {}
     if not global_pruning:
-        for g, s in scores.items():
-            counts[g] = math.floor(s.numel() * ratio + 1e-9)
+        for g, s in live.items():
+            counts[g] = _removal(s.numel(), ratio, share[g])
     else:
         flat, owner = [], []
-        for g, s in scores.items():
+        for g, s in live.items():
             norm = s if comparable else s / s.mean().clamp_min(1e-300)
             flat.append(norm)
             owner.extend([g] * s.numel())
         if flat:
             allv = torch.cat(flat)
-            k = math.floor(allv.numel() * ratio + 1e-9)
+            # the budget: what local pruning would remove (before rounding), ranked across groups
+            budget = sum(s.numel() * (ratio if share[g] == 1 else 1.0 - (1.0 - ratio) ** share[g]) for g, s in live.items())
+            k = math.floor(budget + 1e-9)
             order = torch.argsort(allv, stable=True)[:k].tolist()
             for i in order:
                 counts[owner[i]] = counts.get(owner[i], 0) + 1
-        for g, s in scores.items():
+        for g, s in live.items():
             counts[g] = min(counts.get(g, 0), math.floor(s.numel() * max_ratio + 1e-9))
-    for g, s in scores.items():
+    for g, s in live.items():
         n = s.numel()
-        keep = _keep_count(n, counts.get(g, 0), round_to, min_channels)
+        unit = round_to if round_units is None else round_units.get(g, round_to)
+        keep = _keep_count(n, counts.get(g, 0), unit, min_channels)
         if keep >= n:
             continue
         top = torch.argsort(s, descending=True, stable=True)[:keep]

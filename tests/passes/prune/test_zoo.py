@@ -68,7 +68,8 @@ def test_torchvision_prune_half(name, tmp_path):
 
 
 def test_tiny_bert_heads_and_ffn_exact():
-    """HF BERT (2 layers, 2 heads): heads, head dims and FFN prune; the hidden stream is the model
+    """HF BERT (2 layers, 2 heads): head dims and FFN prune (heads x head dims lose the ratio
+    together: factors="inner" keeps the heads); the hidden stream is the model
     output (frozen), so no layer norm is crossed and the zeroed-channel oracle is exact; the
     position-id buffer is not a channel group."""
     from tests.models import tiny_bert
@@ -79,7 +80,8 @@ def test_tiny_bert_heads_and_ffn_exact():
     rep = prune_report(pruned)
     assert not rep.approximate
     sizes = dict((c.target, c.after) for c in rep.layers)
-    assert sizes["bert.encoder.layer.0.attention.self.query.weight"] == (16, 64)  # 1 head x 16 dims
+    # the query's 64 rows are 2 heads x 32 dims: half of them go, as 16 dims in each head
+    assert sizes["bert.encoder.layer.0.attention.self.query.weight"] == (32, 64)
     assert sizes["bert.encoder.layer.0.intermediate.dense.weight"] == (64, 64)
     assert not any("position_ids" in t for t in sizes)
     with torch.no_grad():
