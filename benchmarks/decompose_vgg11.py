@@ -7,7 +7,9 @@ with ``budget={"macs": f}`` (rank search over Tucker-2 / spatial SVD / SVD, rank
 (``--fc-rank``) a second call that SVDs the classifier's linears, which a MAC budget leaves alone
 but which dominate batch-1 memory traffic (411 MB of weights); all graphs exported with fxpress.export_onnx (parity checked) and run in onnxruntime with
 ``intra_op_num_threads`` as given; latency is the median over interleaved rounds (benchmarks/_measure.py).
-Target (issue 5): <= 0.5 of the MACs runs >= 1.5x faster.
+Target (issue 5): <= 0.5 of the MACs runs >= 1.5x faster. ``--objective`` is fxpress's (default
+"balanced": among the ranks the MAC plan allows per layer, candidates are timed in eager PyTorch
+and traded against error; "error": the plan's lowest-error ranks).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--method", default="auto")
+    ap.add_argument("--objective", default="balanced")
     ap.add_argument("--fc-rank", type=float, default=0.25,
                     help="then also SVD the classifier's linears to this fraction of their params (0: skip)")
     ap.add_argument("--rounds", type=int, default=7)
@@ -39,13 +42,14 @@ def main() -> None:
     import torchvision
 
     torch.manual_seed(0)
+    load_before = open("/proc/loadavg").read().split()[:3]
     model = torchvision.models.vgg11().eval()
     x = torch.randn(1, 3, args.size, args.size)
     t = time.perf_counter()
     gm = fxpress.capture(model, (x,))
     t_capture = time.perf_counter() - t
     t = time.perf_counter()
-    small = fxpress.decompose(gm, (x,), args.method, budget={"macs": args.budget}, progress=False)
+    small = fxpress.decompose(gm, (x,), args.method, budget={"macs": args.budget}, progress=False, objective=args.objective)
     t_decompose = time.perf_counter() - t
     rep = fxpress.decompose_report(small)
     print(rep)
@@ -55,7 +59,7 @@ def main() -> None:
         # the MAC budget leaves the classifier alone (1.6% of the MACs), but batch 1 reads its 411 MB of
         # weights on every call: a second, ordinary decompose call on the linears
         t = time.perf_counter()
-        fc = fxpress.decompose(small, (x,), "svd", rank=args.fc_rank, progress=False)
+        fc = fxpress.decompose(small, (x,), "svd", rank=args.fc_rank, progress=False, objective=args.objective)
         print(f"\n+ classifier SVD at rank ratio {args.fc_rank} ({time.perf_counter() - t:.1f} s):")
         print(fxpress.decompose_report(fc).table())
         models["decomposed+fc"] = fc
@@ -70,8 +74,10 @@ def main() -> None:
         print(f"\nexport + parity check {time.perf_counter() - t:.1f} s; max |ort - torch|: " + ", ".join(diffs))
         lat = interleaved(sessions, x, args.repeat, args.rounds, warmup=True)
 
+    load_after = open("/proc/loadavg").read().split()[:3]
     print(f"\nvgg11 {args.size}x{args.size}, batch 1, onnxruntime {args.threads} threads, median of {args.rounds} "
-          f"interleaved rounds x {args.repeat} (random weights; shared, noisy machine)")
+          f"interleaved rounds x {args.repeat} (random weights; shared machine, load average {' '.join(load_before)} "
+          f"at the start, {' '.join(load_after)} after timing)")
     base_macs, base_ms = total_macs(gm), lat["original"]
     print(f"{'model':14} {'params':>14} {'MACs':>16} {'MACs ratio':>10} {'latency ms':>11} {'speedup':>8}")
     for name, m in models.items():

@@ -18,16 +18,30 @@ How ranks are chosen (exactly one of):
   (rounded to ``round_to``) with a predicted error; the plan meets the budget at the least total
   loss ``sum -log(1 - e^2)`` (about the sum of squared errors while they are small; it never wipes
   out one layer to spare others): greedy on loss per saved cost over each layer's convex hull; see
-  passes/decompose/budget.py. CP and TT have no error curve without decomposing, so with
-  ``method="cp"``/``"tt"`` one ratio is applied to every layer.
+  passes/decompose/budget.py. Every method has such an error curve: SVD, spatial SVD and Tucker-2
+  from their spectra, tensor-train from its TT-SVD sweep, CP from trial decompositions at
+  ``curve_points`` ranks per layer (``method_options={"cp": {"curve_points": 4}}``; each a
+  time-limited CP-ALS, cached for the pass).
 - ``rank=``: an int (Tucker: also a pair), a float in (0, 1) = fraction of each layer's parameters
-  kept (with ``method="auto"`` each layer takes the method with the lowest predicted error there),
+  kept (each layer takes, among the methods and ranks that fit, the objective's choice),
   ``"evbmf"``, or a dict {layer: rank}.
 - ``energy=``: the fraction of spectral energy kept per layer (per mode for Tucker).
 
+Where a ratio or a budget leaves a choice, ``objective=`` decides it (passes/decompose/latency.py):
+"balanced" (default) times the shortlisted candidates' op chains on this machine at the layer's
+input shape (eager PyTorch, the current thread count, cached) and trades latency against error
+(2x faster is worth 5% more error), which mostly means SIMD-friendly ranks and no structures that
+are slow here; "error" takes the lowest predicted error and times nothing; "latency" trades harder.
+Under a budget the plan is made on errors, then each layer is re-chosen by the objective among its
+options that cost no more than planned, so the budget stays met. The report notes what was timed.
+
 ``method="auto"`` chooses per layer among SVD (linears), Tucker-2 and spatial SVD (convolutions);
 CP and TT are used when asked for by name. ``method=["auto", "cp"]`` with a ratio rank also tries CP
-on each convolution (one CP-ALS per layer, at the ratio) and keeps it where its error is lower. ``tolerance=`` rolls back any layer whose relative output
+on each convolution (a CP-ALS per layer at the largest rank that fits, and with a latency-aware
+objective at its multiples of 8 and 16) and weighs it with the others. ``calibration=`` makes the
+decompositions data-aware (``whiten=True``): activation-whitened SVD for linears (diagonal whitening
+past 8192 input features), and Tucker-2 / spatial SVD fitted to the convolutions' outputs
+(passes/decompose/data_aware.py). ``tolerance=`` rolls back any layer whose relative output
 error on the calibration (or sample) inputs exceeds it; under a budget, the plan is then redone with
 those layers held to less aggressive ranks (up to ``replan`` times), and the report says whether the
 budget was still met.
@@ -48,16 +62,16 @@ from .ir.capture import capture, normalize_inputs
 from .ir.cost import count_params, total_macs
 from .passes.decompose import METHODS, BudgetError, DecomposeReport, LayerRecord, find_layers, layer_options
 from .passes.decompose.activations import batch_args, collect_inputs
-from .passes.decompose.budget import LayerOptions, max_saving, solve_budget, solve_ratio, solve_uniform
+from .passes.decompose.budget import LayerOptions, _cheaper, max_saving, solve_budget, solve_uniform
 from .passes.decompose.common import RECORDS
-from .passes.decompose.ranks import validate_rule
+from .passes.decompose.latency import LatencyModel, Option, choose, latency_note, objective_beta
+from .passes.decompose.ranks import solver_context, validate_rule
 from .passes.manager import PassManager
 
 __all__ = ["decompose", "decompose_report", "AUTO_METHODS"]
 
 AUTO_METHODS = ("svd", "tucker", "spatial-svd")
 _PREP = ("fold-constants", "fold-batch-norm", "eliminate-dead-code")
-_CURVES = {"svd", "tucker", "spatial-svd"}  # methods whose errors are known before decomposing
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
@@ -73,7 +87,7 @@ def _graph(model: Any, inputs: tuple) -> fx.GraphModule:
         return _copy(model)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected a torch.nn.Module or a captured GraphModule, got {type(model).__name__}")
-    return capture(model, inputs)
+    return capture(model, inputs, share_weights=False)  # training the result must never change the original
 
 
 def _methods(method: Any) -> tuple[str, ...]:
@@ -160,13 +174,16 @@ def decompose(
     progress: bool | None = None,
     verify: bool = True,
     method_options: dict[str, dict] | None = None,
+    objective: str | float = "balanced",
+    latency: Any = None,
 ) -> fx.GraphModule:
     """Decompose the convolutions and linears of ``model``; return the smaller GraphModule.
 
     method: "auto", "svd", "spatial-svd", "tucker", "cp", "tt", or a list of them.
     budget / rank / energy: how ranks are chosen (exactly one; see the module docstring).
     calibration: batches of inputs (a DataLoader or list; labels after the inputs are ignored):
-        activation-aware SVD for linears (with ``whiten``) and the output errors the report shows
+        data-aware decompositions (with ``whiten``: activation-whitened SVD for linears, Tucker-2 and
+        spatial SVD fitted to the convolutions' outputs) and the output errors the report shows
         and ``tolerance`` checks. Without it, errors are measured on ``example_inputs``.
     tolerance: the largest relative output error a layer may have (worse layers are rolled back).
     round_to: ranks become multiples of this where the layer is big enough (1 = no rounding).
@@ -175,9 +192,18 @@ def decompose(
     replan: planning rounds after tolerance roll-backs under a budget.
     progress: tqdm bars (None: on a terminal only). method_options: per method, extra pass options,
         e.g. {"cp": {"time_limit": 5, "restarts": 3}, "tt": {"cores": 4}, "tucker": {"iterations": 10}}.
+    objective: where a rank ratio or a budget leaves a choice (method and ranks at a layer's cost),
+        "balanced" (default: error and the latency measured on this machine; 2x faster is worth 5%
+        more error), "error" (the lowest predicted error; nothing is timed), "latency" (2x faster
+        is worth 41% more error), or the latency exponent itself; see passes/decompose/latency.py.
+    latency: what measures candidates for a non-"error" objective: None (eager PyTorch at each
+        layer's input shape, with the current thread count, cached), a ``LatencyModel`` (e.g.
+        ``LatencyModel(threads=1)`` on a machine shared with other processes), or
+        ``f(layer, {key: ops}) -> {key: ms}``.
     The report: ``decompose_report(result)``.
     """
     methods = _methods(method)
+    beta = objective_beta(objective)
     bud = _check_budget(budget)
     if bud is not None and (rank is not None or energy is not None):
         raise ValueError("give one of budget=, rank= or energy= (a budget chooses the ranks itself)")
@@ -222,6 +248,8 @@ def decompose(
                     progress=progress, requires_grad=trainable, cache=cache, **kw)
         if method_name == "svd":
             opts["whiten"] = whiten and calib is not None
+        if method_name in ("tucker", "spatial-svd"):
+            opts["data_aware"] = whiten and calib is not None
         opts.update(method_options.get(method_name, {}))
         return METHODS[method_name](**opts)
 
@@ -232,6 +260,8 @@ def decompose(
     base = _copy(gm) if (bud is not None and tolerance is not None and replan > 0) else None
 
     plan_reasons: dict[str, str] = {}
+    plan_notes: dict[str, list[str]] = {}
+    timer = (latency if latency is not None else LatencyModel()) if beta > 0 else None
     rounds = 0
     banned: dict[str, float] = {}  # layer -> options with predicted error >= this are off the table
     options: list[LayerOptions] | None = None
@@ -239,9 +269,10 @@ def decompose(
     while True:
         rounds += 1
         plan = None
-        if bud is not None or (isinstance(rank, float) and len(methods) > 1):
+        if bud is not None or (isinstance(rank, float) and (len(methods) > 1 or beta > 0)):
             if options is None:
-                options = _plan_options(gm, candidates, methods, build, calib, whiten, max_batches, progress)
+                planner = _Planner(gm, candidates, methods, build, calib, whiten, max_batches, progress, objective, timer, rank)
+                options = planner.options(curves=bud is not None)
             opts = [_ban(lo, banned.get(lo.layer.name)) for lo in options]
             if bud is not None:
                 try:
@@ -254,10 +285,10 @@ def decompose(
                     work, pipeline, records, rolled, met, plan_reasons = previous
                     break
                 plan_reasons = {}
+                if beta > 0:
+                    plan, plan_notes = planner.refine(plan, opts, bud[0], banned)
             else:
-                plan = solve_ratio(opts, rank)
-                if "cp" in methods:
-                    _cp_trials(plan, opts, build("cp", rank=rank), rank)
+                plan, plan_notes = planner.ratio_plan(opts, rank, banned)
             for lo in opts:
                 if lo.layer.name not in plan:
                     plan_reasons[lo.layer.name] = (
@@ -310,6 +341,9 @@ def decompose(
     for r in records:  # the last word on a layer wins (a later pass may have declined it)
         if r.status == "decomposed" or r.node not in by_node:
             by_node[r.node] = r
+    for name, notes in plan_notes.items():
+        if name in by_node and by_node[name].status == "decomposed":
+            by_node[name].notes = [n for n in notes if n not in by_node[name].notes] + by_node[name].notes
     for layer in all_layers:
         if layer.name in by_node:
             report.layers.append(by_node[layer.name])
@@ -357,43 +391,132 @@ def _ban(lo: LayerOptions, max_error: float | None) -> LayerOptions:
     return out
 
 
-def _cp_trials(plan: dict, options: list[LayerOptions], cp, ratio: float) -> None:
-    """CP has no error curve: where it is allowed next to other methods under a ratio rule, decompose
-    each eligible layer by CP at the ratio once (kept in the cache for the pass) and take it where its
-    weight error beats the best predicted one. A CP that falls back to Tucker-2 is not taken."""
-    from .passes.decompose.budget import Option
-    from .passes.decompose.ranks import solver_context
+class _Planner:
+    """The rank search of one ``decompose`` call: every candidate layer's options (cost and predicted
+    error per method and rank), then the choice per layer under a ratio, or the refinement of a
+    budget's plan by the objective (latency.py)."""
 
-    for lo in options:
+    def __init__(self, gm, candidates, methods, build, calib, whiten, max_batches, progress, objective, timer, ratio):
+        self.gm, self.candidates, self.methods = gm, candidates, methods
+        self.objective, self.timer = objective, timer
+        self.progress = progress
+        self.passes = {m: build(m, rank=None) for m in methods}
+        self.grams: dict[str, Any] = {}
+        if calib is not None and whiten:
+            # the input statistics of the data-aware methods (whitened SVD; data-aware Tucker-2 and
+            # spatial SVD, which also keep input samples to fit their output factors on)
+            want = [(layer, p) for layer in candidates for p in self.passes.values() if layer.kind in p.kinds and p.wants_gram(layer)]
+            full = sorted({layer.name for layer, p in want if p.wants_full_gram(layer)})
+            diag = sorted({layer.name for layer, p in want} - set(full))
+            convs = {layer.name: layer.kind for layer, _ in want if layer.kind == "conv2d"}
+            linears = {layer.name: layer.kind for layer, _ in want if layer.kind == "linear"}
+            if linears:
+                self.grams.update(collect_inputs(gm, calib, linears, gram=[n for n in full if n in linears],
+                                                 diag=[n for n in diag if n in linears], max_batches=max_batches, max_elements=0))
+            if convs:
+                self.grams.update(collect_inputs(gm, calib, convs, gram=[n for n in full if n in convs], max_batches=max_batches))
+
+    def _inputs(self, p, layer):
+        return self.grams.get(layer.name) if p.wants_gram(layer) else None
+
+    def options(self, curves: bool) -> list[LayerOptions]:
+        """Every candidate layer's options; ``curves``: also the methods whose errors need trial
+        decompositions (CP: ``curve_points`` ranks), for a budget."""
+        from tqdm.auto import tqdm
+
+        passes = self.passes if curves else {m: p for m, p in self.passes.items() if m != "cp"}
+        out = []
+        bar = tqdm(self.candidates, desc="planning ranks", disable=(None if self.progress is None else not self.progress), leave=False)
+        for layer in bar:
+            lo = layer_options(layer, passes, self.grams.get(layer.name))
+            if not curves and "cp" in self.passes:
+                why = self.passes["cp"].applicable(layer) if layer.kind in self.passes["cp"].kinds else None
+                if why:
+                    lo.why_not["cp"] = why
+            out.append(lo)
+        return out
+
+    def _frontier(self, lo: LayerOptions, cap: float, metric: str, max_error: float | None) -> list[Option]:
+        """Options at the layer's frontier under ``cap`` for every method with an error curve, and for
+        CP its trial decompositions there."""
         layer = lo.layer
-        if "conv2d" not in cp.kinds or layer.kind != "conv2d" or cp.applicable(layer):
-            continue
+        seen = {(o.method, o.rank) for o in lo.options}
+        out = []
         with solver_context(layer.weight.numel()):
-            analysis = cp.cached_analysis(layer, None)
-            r = cp.ratio_rank(layer, ratio, None)
+            for m, p in self.passes.items():
+                if layer.kind not in p.kinds or p.applicable(layer):
+                    continue
+                if m == "cp":
+                    out += self._cp_trials(p, layer, cap, metric)
+                    continue
+                analysis = p.cached_analysis(layer, self._inputs(p, layer))
+                for r in p.frontier(layer, cap, metric):
+                    if (m, r) in seen:
+                        continue
+                    params, macs = p.cost(layer, r)
+                    if not _cheaper(layer, params, macs):
+                        continue
+                    out.append(Option(m, r, params, macs, p.predicted_error(layer, analysis, r)))
+        if max_error is not None:
+            out = [o for o in out if o.error is not None and o.error < max_error]
+        return out
+
+    def _cp_trials(self, cp, layer, cap: float, metric: str) -> list[Option]:
+        """CP has no error curve: decompose the layer by CP at the frontier (the largest rank that fits;
+        with a latency-aware objective also its multiples of 8 and 16), each once (kept in the cache
+        for the pass). A CP that falls back to Tucker-2 is offered (as what the CP pass will emit)
+        only where Tucker-2 is not a method of its own here."""
+        ranks = cp.frontier(layer, cap, metric)
+        if not ranks:
+            return []
+        if self.timer is None or objective_beta(self.objective) <= 0:
+            ranks = ranks[-1:]
+        out = []
+        analysis = cp.cached_analysis(layer, None)
+        for r in ranks:
             params, macs = cp.cost(layer, r)
-            if r is None or params > ratio * layer.params() or macs > layer.macs():
+            if not _cheaper(layer, params, macs):
                 continue
             fac = cp.cached_factorization(layer, r, analysis)
-        current = plan.get(layer.name)
-        if fac.method == "cp" and fac.weight_error is not None and (current is None or current.error is None or fac.weight_error < current.error):
-            plan[layer.name] = Option("cp", r, params, macs, fac.weight_error)
+            if fac.weight_error is not None and (fac.method == "cp" or "tucker" not in self.passes):
+                out.append(Option("cp", r, params, macs, fac.weight_error))
+        return out
 
+    def _template(self, layer, o: Option):
+        p = self.passes[o.method]
+        if o.method == "cp":  # decomposed already (the trials): time what the pass will emit, a fallback included
+            return p.cached_factorization(layer, o.rank, p.cached_analysis(layer, None)).ops
+        return p.template(layer, o.rank)
 
-def _plan_options(gm, candidates, methods, build, calib, whiten, max_batches, progress) -> list[LayerOptions]:
-    from tqdm.auto import tqdm
+    def _choose(self, layer, options: list[Option]) -> tuple[Option, list[str]]:
+        best, info = choose(layer, options, self.objective, self.timer, lambda o: self._template(layer, o))
+        return best, ([latency_note(self.objective, best, info)] if info else [])
 
-    passes = {m: build(m, rank=None) for m in methods}
-    grams: dict[str, Any] = {}
-    if "svd" in methods and calib is not None and whiten:
-        linears = {layer.name: layer.kind for layer in candidates if layer.kind == "linear"}
-        if linears:
-            grams = collect_inputs(gm, calib, linears, gram=list(linears), max_batches=max_batches, max_elements=0)
-    out = []
-    bar = tqdm(candidates, desc="planning ranks", disable=(None if progress is None else not progress), leave=False)
-    for layer in bar:
-        out.append(layer_options(layer, passes, grams.get(layer.name)))
-    return out
+    def ratio_plan(self, options: list[LayerOptions], ratio: float, banned: dict[str, float]) -> tuple[dict, dict]:
+        """Per layer: the objective's choice among the options keeping at most ``ratio`` of its params."""
+        plan, notes = {}, {}
+        for lo in options:
+            cap = ratio * lo.layer.params()
+            fits = [o for o in lo.options if o.params <= cap] + self._frontier(lo, cap, "params", banned.get(lo.layer.name))
+            if fits:
+                plan[lo.layer.name], notes[lo.layer.name] = self._choose(lo.layer, fits)
+        return plan, notes
+
+    def refine(self, plan: dict, options: list[LayerOptions], metric: str, banned: dict[str, float]) -> tuple[dict, dict]:
+        """A budget's plan, each layer re-chosen by the objective among its options that cost no more
+        (in the budget's metric) than the planned one: the budget stays met."""
+        key = (lambda o: o.params) if metric == "params" else (lambda o: o.macs)
+        out, notes = dict(plan), {}
+        by_name = {lo.layer.name: lo for lo in options}
+        for name, chosen in plan.items():
+            lo = by_name[name]
+            cap = key(chosen)
+            fits = [o for o in lo.options if key(o) <= cap] + [
+                o for o in self._frontier(lo, cap, metric, banned.get(name)) if o.method != "cp"]
+            if chosen not in fits:
+                fits.append(chosen)
+            out[name], notes[name] = self._choose(lo.layer, fits)
+        return out, notes
 
 
 def _solve(options, bud, methods, params_before, macs_before, not_layers):
@@ -413,10 +536,11 @@ def _solve(options, bud, methods, params_before, macs_before, not_layers):
             + (", or use method='auto' to allow more layer kinds" if len(methods) < 3 else "")
             + ", or lower round_to."
         )
-    if any(m in _CURVES for m in methods):  # plan with the methods whose errors are known up front
-        curves = [LayerOptions(lo.layer, [o for o in lo.options if o.method in _CURVES], lo.why_not) for lo in options]
-        if max_saving(curves, what) >= need:
-            return solve_budget(curves, what, need)
+    # every method offers (rank, error) points (CP from trial decompositions); options without an
+    # error, if any, are planned by one uniform ratio
+    curves = [LayerOptions(lo.layer, [o for o in lo.options if o.error is not None], lo.why_not) for lo in options]
+    if max_saving(curves, what) >= need:
+        return solve_budget(curves, what, need)
     return solve_uniform(options, what, need)
 
 

@@ -2,13 +2,16 @@
 
 Shared machinery: layers.py (which nodes, their geometry), ops.py (the factor chain a layer becomes),
 ranks.py (rank rules, EVBMF), activations.py (calibration inputs), common.py (the per-layer loop),
-budget.py (model-wide rank selection), report.py (what ``fxpress.decompose_report`` shows).
+budget.py (model-wide rank selection), latency.py (measured latency of candidates, and the
+``objective`` that weighs it against error), data_aware.py (convolution decompositions fitted to
+calibration outputs), report.py (what ``fxpress.decompose_report`` shows).
 """
 
 from . import cp_conv, spatial_svd_conv, svd_linear, tt_linear, tucker_conv  # noqa: F401  (register the passes)
 from .budget import BudgetError, Option, layer_options, solve_budget, solve_ratio, solve_uniform
 from .common import DecomposePass, LayerRecord
 from .cp_conv import CpConv
+from .latency import LatencyModel
 from .layers import Layer, find_layers
 from .report import DecomposeReport
 from .spatial_svd_conv import SpatialSvdConv
@@ -30,6 +33,7 @@ __all__ = [
     "CpConv",
     "DecomposePass",
     "DecomposeReport",
+    "LatencyModel",
     "Layer",
     "LayerRecord",
     "Option",

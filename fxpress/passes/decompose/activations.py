@@ -4,8 +4,12 @@
 
 - a subsample of its inputs (whole images for convolutions, rows for linears) of at most
   ``max_elements`` numbers: what the per-layer output errors are measured on;
-- for linears with ``gram=True``: ``sum(x^T x)`` over **all** rows of all batches, in float64
-  (the statistics of activation-aware SVD; ``rows`` counts them).
+- for linears named in ``gram``: ``sum(x^T x)`` over **all** rows of all batches, in float64
+  (the statistics of activation-aware SVD; ``rows`` counts them); for those named in ``diag``, only
+  its diagonal ``sum(x^2)`` per feature (wide layers, where the full matrix would not fit);
+- for convolutions named in ``gram``: the per-pixel input-channel second moment ``sum(x x^T)`` over
+  all positions of all batches (``gram``, ``rows`` = positions), what data-aware Tucker-2 and
+  spatial SVD whiten with (their output statistics are measured on ``samples``).
 
 Batches are tensors, tuples/lists (inputs first; extra items such as labels are ignored) or dicts
 keyed by the graph's input names.
@@ -29,6 +33,7 @@ class LayerInputs:
     kept: int = 0  # numbers kept in samples
     gram: torch.Tensor | None = None
     rows: int = 0
+    sq: torch.Tensor | None = None  # diag only: per-feature sum of squares
 
     def sample(self) -> torch.Tensor | None:
         return torch.cat(self.samples) if self.samples else None
@@ -52,9 +57,10 @@ def batch_args(gm: fx.GraphModule, batch: Any) -> tuple:
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm, wanted: dict[str, str], out: dict[str, LayerInputs], max_elements: int, gram: set[str]):
+    def __init__(self, gm, wanted: dict[str, str], out: dict[str, LayerInputs], max_elements: int, gram: set[str],
+                 diag: set[str] = frozenset()):
         super().__init__(gm, garbage_collect_values=True)
-        self.wanted, self.out, self.max_elements, self.gram = wanted, out, max_elements, gram
+        self.wanted, self.out, self.max_elements, self.gram, self.diag = wanted, out, max_elements, gram, diag
 
     def run_node(self, n: fx.Node) -> Any:
         if n.name in self.wanted:
@@ -72,12 +78,21 @@ class _Recorder(fx.Interpreter):
                 g = f64.T @ f64
                 rec.gram = g if rec.gram is None else rec.gram + g
                 rec.rows += flat.shape[0]
+            elif name in self.diag:
+                sq = flat.double().pow(2).sum(0)
+                rec.sq = sq if rec.sq is None else rec.sq + sq
+                rec.rows += flat.shape[0]
             room = (self.max_elements - rec.kept) // max(flat.shape[1], 1)
             if room > 0:
                 part = flat[:room].clone()
                 rec.samples.append(part)
                 rec.kept += part.numel()
         else:
+            if name in self.gram:  # per-pixel channel second moment
+                pix = x.double().transpose(0, 1).reshape(x.shape[1], -1)
+                g = pix @ pix.T
+                rec.gram = g if rec.gram is None else rec.gram + g
+                rec.rows += pix.shape[1]
             per = x[0].numel() if x.shape[0] else 1
             room = (self.max_elements - rec.kept) // max(per, 1)
             if room <= 0 and rec.kept == 0:
@@ -94,12 +109,13 @@ def collect_inputs(
     layers: dict[str, str],
     *,
     gram: Iterable[str] = (),
+    diag: Iterable[str] = (),
     max_batches: int | None = 8,
     max_elements: int = 1 << 21,
 ) -> dict[str, LayerInputs]:
     """{node name: LayerInputs} for ``layers`` ({node name: "conv2d" | "linear"}) over ``batches``."""
     out = {name: LayerInputs() for name in layers}
-    rec = _Recorder(gm, dict(layers), out, max_elements, set(gram))
+    rec = _Recorder(gm, dict(layers), out, max_elements, set(gram), set(diag))
     seen = 0
     with torch.no_grad():
         for batch in itertools.islice(batches, max_batches):

@@ -14,8 +14,12 @@ at). The last step can overshoot where a layer's hull has few vertices (random w
 grows linearly with the saving); that layer then takes, among all its options, the lowest-error one
 that still meets the budget.
 
-Methods whose errors are only known after decomposing (CP, TT) are planned by ``solve_uniform``:
-one parameter (or MAC) ratio for every layer, the largest that meets the budget.
+Every method has an error curve: SVD, spatial SVD and Tucker-2 from their spectra (no decomposition),
+tensor-train from its TT-SVD sweep (the exact error of TT-SVD at those ranks, a few small SVDs per
+rank), and CP from trial decompositions at ``curve_points`` ranks per layer (``CpConv.curve``: CP-ALS
+has no spectrum to read errors from; each trial is one time-limited CP-ALS, kept in the cache, so
+the pass re-uses the one the plan picks). ``solve_uniform`` (one ratio for every layer, the largest
+that meets the budget) remains for options without errors.
 
 ``solve_ratio`` picks, per layer, the option with the lowest predicted error among those keeping at
 most a given fraction of the layer's parameters (``rank=0.5`` with ``method="auto"``).
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .common import DecomposePass
+from .latency import Option
 from .layers import Layer
 from .ranks import solver_context
 
@@ -37,15 +42,6 @@ __all__ = ["Option", "LayerOptions", "layer_options", "solve_budget", "solve_uni
 
 class BudgetError(ValueError):
     """The budget cannot be met; the message says how close it gets and what to change."""
-
-
-@dataclass(frozen=True)
-class Option:
-    method: str
-    rank: Any
-    params: int
-    macs: int
-    error: float | None
 
 
 @dataclass
@@ -81,13 +77,15 @@ def _layer_options(layer, passes, inputs, exclude) -> LayerOptions:
         analysis = p.cached_analysis(layer, inputs if p.wants_gram(layer) else None)
         banned = (exclude or {}).get(method, set())
         n = 0
-        for r in p.candidates(layer):
+        curve = p.curve(layer, analysis)  # methods whose errors need trial decompositions
+        points = curve if curve is not None else [(r, None) for r in p.candidates(layer)]
+        for r, err in points:
             if r in banned:
                 continue
             params, macs = p.cost(layer, r)
             if not _cheaper(layer, params, macs):
                 continue
-            out.options.append(Option(method, r, params, macs, p.predicted_error(layer, analysis, r)))
+            out.options.append(Option(method, r, params, macs, err if curve is not None else p.predicted_error(layer, analysis, r)))
             n += 1
         if n == 0:
             out.why_not[method] = "no rank makes it cheaper"

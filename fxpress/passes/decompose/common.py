@@ -32,6 +32,7 @@ from ...ir.report import PassReport
 from ...ir.verify import refresh_meta
 from ..base import Pass
 from .activations import LayerInputs, collect_inputs
+from .latency import LatencyModel, Option, choose, latency_note, objective_beta
 from .layers import Layer, find_layers
 from .ops import Factorization, emit
 from .ranks import rank_grid, round_rank, solver_context, validate_rule
@@ -102,6 +103,11 @@ class DecomposePass(Pass):
         experiments and for checking exactness at full rank).
     cache: a dict the caller owns in which spectra are kept by (method, weight, data) so that a rank
         search and the pass that follows it decompose each kernel once (``fxpress.decompose`` does this).
+    objective: how a ratio rank is chosen among the ranks that fit: "error" (the lowest predicted
+        error; the default of a pass), "balanced" or "latency" (weigh the measured latency of each
+        candidate on this machine too; see latency.py), or a latency exponent >= 0.
+    latency: what times the candidates for a non-"error" objective (default: a ``LatencyModel``,
+        eager PyTorch at the layer's input shape), or any ``f(layer, {key: ops}) -> {key: ms}``.
     """
 
     exact: ClassVar[bool] = False
@@ -124,8 +130,12 @@ class DecomposePass(Pass):
         requires_grad: bool = True,
         only_cheaper: bool = True,
         cache: dict | None = None,
+        objective: Any = "error",
+        latency: Any = None,
     ):
         validate_rule(rank, energy)
+        self.beta = objective_beta(objective)
+        self.objective = objective
         if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
             raise ValueError(f"round_to must be an integer >= 1, got {round_to!r}")
         if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance <= 0):
@@ -144,6 +154,7 @@ class DecomposePass(Pass):
         self.requires_grad = requires_grad
         self.only_cheaper = only_cheaper
         self.cache = cache
+        self.latency = latency if latency is not None or self.beta <= 0 else LatencyModel()
 
     # ---- the method's hooks -------------------------------------------------------------------
 
@@ -152,7 +163,12 @@ class DecomposePass(Pass):
         return None
 
     def wants_gram(self, layer: Layer) -> bool:
+        """Whether the analysis reads input statistics (activations.py) beyond the samples."""
         return False
+
+    def wants_full_gram(self, layer: Layer) -> bool:
+        """With ``wants_gram``: the full second moment (else only its diagonal)."""
+        return True
 
     def analyze(self, layer: Layer, inputs: LayerInputs | None) -> Any:
         """Spectra etc. the rank rules and the factorization read (computed once per layer)."""
@@ -181,12 +197,44 @@ class DecomposePass(Pass):
     def evbmf_rank(self, layer: Layer, analysis: Any) -> tuple[Any, list[str]]:
         raise NotImplementedError
 
+    def curve(self, layer: Layer, analysis: Any) -> list[tuple[Any, float]] | None:
+        """(rank, error) points for a model-wide budget where ``predicted_error`` cannot give them
+        without decomposing (CP); None: the budget reads ``predicted_error`` on ``candidates``."""
+        return None
+
     def predicted_error(self, layer: Layer, analysis: Any, rank: Any) -> float | None:
         """Relative error the rank search ranks by (weights, or whitened outputs); None if unknown."""
         return None
 
     def factorize(self, layer: Layer, rank: Any, analysis: Any) -> Factorization:
         raise NotImplementedError
+
+    def template(self, layer: Layer, rank: Any) -> list | None:
+        """The op chain the layer would become at ``rank``, with random factors (what latency is
+        measured on); None where it cannot be built without decomposing."""
+        return None
+
+    def frontier(self, layer: Layer, cap: float, metric: str = "params") -> list[Any]:
+        """The ranks that use most of ``cap`` (the layer's parameters or MACs after decomposing): the
+        largest that fits, and the largest multiples of 8 and of 16 that fit (SIMD-friendly widths
+        the latency-aware choice times next to it). Default: one scalar rank, cost growing with it."""
+        idx = 0 if metric == "params" else 1
+        cands = self.candidates(layer)
+        if not cands or not all(isinstance(r, int) for r in cands):
+            return [r for r in cands if self.cost(layer, r)[idx] <= cap]
+        full = max(cands)
+        step = self.round_to if full >= 2 * self.round_to else 1
+        lo, hi = 0, full // step
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.cost(layer, mid * step)[idx] <= cap:
+                lo = mid
+            else:
+                hi = mid - 1
+        r_max = full if full % step and self.cost(layer, full)[idx] <= cap else lo * step
+        if r_max < 1:
+            return []
+        return sorted({r_max} | {r_max // m * m for m in (8, 16) if r_max // m * m >= 1 and m % step == 0})
 
     # ---- rank rules ---------------------------------------------------------------------------
 
@@ -232,8 +280,24 @@ class DecomposePass(Pass):
         if isinstance(rule, str):
             return self.evbmf_rank(layer, analysis)
         if isinstance(rule, float):
+            if self.beta > 0 and self.latency is not None and analysis is not None:
+                return self.balanced_rank(layer, rule, analysis, notes), notes
             return self.ratio_rank(layer, rule, analysis), notes
         return self.normalize_rank(layer, rule), notes
+
+    def balanced_rank(self, layer: Layer, ratio: float, analysis: Any, notes: list[str]) -> Any:
+        """A ratio rank chosen by ``objective`` among the frontier of ranks that fit (latency.py)."""
+        cap = ratio * layer.params()
+        options = []
+        for r in self.frontier(layer, cap):
+            params, macs = self.cost(layer, r)
+            options.append(Option(self.method, r, params, macs, self.predicted_error(layer, analysis, r)))
+        if not options:
+            return self.ratio_rank(layer, ratio, analysis)
+        best, info = choose(layer, options, self.objective, self.latency, lambda o: self.template(layer, o.rank))
+        if info:
+            notes.append(latency_note(self.objective, best, info))
+        return best.rank
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -278,7 +342,9 @@ class DecomposePass(Pass):
         if self.calibration is not None:
             inputs = collect_inputs(
                 gm, self.calibration, {layer.name: layer.kind for layer in todo},
-                gram=[layer.name for layer in todo if self.wants_gram(layer)], max_batches=self.max_batches,
+                gram=[layer.name for layer in todo if self.wants_gram(layer) and self.wants_full_gram(layer)],
+                diag=[layer.name for layer in todo if self.wants_gram(layer) and not self.wants_full_gram(layer)],
+                max_batches=self.max_batches,
             )
         bar = tqdm(todo, desc=self.name, disable=(None if self.progress is None else not self.progress), leave=False) if len(todo) > 1 else todo
         changed = False
@@ -310,7 +376,7 @@ class DecomposePass(Pass):
     def cached_analysis(self, layer: Layer, inputs: LayerInputs | None) -> Any:
         if self.cache is None:
             return self.analyze(layer, inputs)
-        data = inputs is not None and inputs.gram is not None and self.wants_gram(layer)
+        data = inputs is not None and (inputs.gram is not None or inputs.sq is not None) and self.wants_gram(layer)
         key = (type(self).__name__, layer.weight_node.target, tuple(layer.weight.shape), data)
         if key not in self.cache:
             self.cache[key] = self.analyze(layer, inputs)

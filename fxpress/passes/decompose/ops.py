@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ...ir.graph import add_constant, get_attr_value
 from .layers import DECOMPOSED, Layer
 
-__all__ = ["FactorOp", "Conv", "Linear", "Reshape", "Permute", "Slice", "AddBias", "Factorization", "emit", "padded_conv"]
+__all__ = ["FactorOp", "Conv", "OuterConv", "Linear", "Reshape", "Permute", "Slice", "AddBias", "Factorization", "emit", "padded_conv"]
 
 aten = torch.ops.aten
 
@@ -77,6 +77,42 @@ class Conv(FactorOp):
 
     def to(self, **kw):
         return Conv(_cast(self.weight, kw), _cast(self.bias, kw), self.stride, self.padding, self.dilation, self.groups, self.bias_node)
+
+
+@dataclass
+class OuterConv(FactorOp):
+    """A depthwise convolution whose kh x kw kernel is the per-channel outer product of two stored
+    factors, ``col[R, 1, kh, 1] * row[R, 1, 1, kw]``, computed in the graph (an ``aten.mul`` of the two
+    constants, R*kh*kw multiplies per call) and run as one convolution: what is stored is the
+    factors (R*(kh + kw) numbers), what runs is one depthwise pass instead of a kh x 1 then a 1 x kw
+    one (CP's fused form; see cp_conv.py). ``fold-constants`` (run by ``fxpress.quantize``, or by a
+    later ``decompose``) turns the product into a stored R*kh*kw kernel."""
+
+    col: torch.Tensor
+    row: torch.Tensor
+    stride: tuple[int, int] = (1, 1)
+    padding: Any = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+    def kernel(self) -> torch.Tensor:
+        return self.col * self.row
+
+    def apply(self, x):
+        return F.conv2d(x, self.kernel(), None, list(self.stride), list(self.padding), list(self.dilation), self.groups)
+
+    def tensors(self):
+        return [("col", self.col), ("row", self.row)]
+
+    def macs(self, x_shape, y_shape):
+        return math.prod(y_shape) * int(self.col.shape[1]) * int(self.col.shape[2]) * int(self.row.shape[3])
+
+    def emit(self, graph, x, consts):
+        k = graph.call_function(aten.mul.Tensor, (consts["col"], consts["row"]))
+        return graph.call_function(aten.conv2d.default, (x, k, None, list(self.stride), list(self.padding), list(self.dilation), self.groups))
+
+    def to(self, **kw):
+        return OuterConv(_cast(self.col, kw), _cast(self.row, kw), self.stride, self.padding, self.dilation, self.groups)
 
 
 @dataclass
@@ -144,12 +180,16 @@ class Slice(FactorOp):
 
 
 def padded_conv(weight, bias, stride, pads_h: tuple[int, int], pads_w: tuple[int, int], dilation, groups,
-                out_hw: tuple[int, int] | None = None, bias_node=None) -> list[FactorOp]:
+                out_hw: tuple[int, int] | None = None, bias_node=None, outer: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[FactorOp]:
     """A convolution padding (top, bottom) x (left, right) zeros. Symmetric per axis: numeric padding.
     Asymmetric (PyTorch's "same" with an even kernel, stride 1): the larger side on both, then a
     slice drops the extra output row/column. (Not ``constant_pad_nd``: fake-tensor propagation of
-    it pins a dynamic batch to the sample's size in torch 2.14, and so does ``conv2d.padding``.)"""
-    ops: list[FactorOp] = [Conv(weight, bias, stride, [max(pads_h), max(pads_w)], dilation, groups, bias_node=bias_node)]
+    it pins a dynamic batch to the sample's size in torch 2.14, and so does ``conv2d.padding``.)
+    ``outer=(col, row)``: an ``OuterConv`` (kernel computed from the two factors; no bias) instead."""
+    pad = [max(pads_h), max(pads_w)]
+    first: FactorOp = (OuterConv(outer[0], outer[1], stride, pad, dilation, groups) if outer is not None
+                       else Conv(weight, bias, stride, pad, dilation, groups, bias_node=bias_node))
+    ops: list[FactorOp] = [first]
     for dim, (lo, hi) in ((2, pads_h), (3, pads_w)):
         if lo != hi:
             if out_hw is None:
@@ -243,11 +283,17 @@ def emit(gm: fx.GraphModule, layer: Layer, fac: Factorization, *, requires_grad:
             if isinstance(value, torch.nn.Parameter):
                 value.requires_grad_(requires_grad)
             consts[name] = c
+        last = node.prev
         with graph.inserting_before(node):
             x = op.emit(graph, x, consts)
-        x.meta.update(meta)
-        x.meta[DECOMPOSED] = fac.method
-        new_nodes.append(x)
+        # every call an op emitted (OuterConv: its kernel product too) is marked as a factor
+        cur = last.next
+        while cur is not node:
+            if cur.op == "call_function":
+                cur.meta.update(meta)
+                cur.meta[DECOMPOSED] = fac.method
+                new_nodes.append(cur)
+            cur = cur.next
     node.replace_all_uses_with(x)
     graph.erase_node(node)
     # drop the original weight when nothing reads it any more (the bias is reused by the last op)

@@ -44,7 +44,7 @@ from .activations import LayerInputs
 from .common import DecomposePass
 from .layers import Layer
 from .ops import AddBias, Factorization, Linear, Permute, Reshape
-from .ranks import energy_rank, evbmf_rank, rank_grid
+from .ranks import energy_rank, evbmf_rank, rank_grid, svd
 
 __all__ = ["TtLinear", "factor_dim"]
 
@@ -76,6 +76,8 @@ class TtAnalysis:
     outs: list[int]
     ins: list[int]
     caps: list[int]  # the largest useful rank at each of the d-1 bonds
+    first: tuple | None = None  # (s, Vh) of the first TT-SVD unfolding, for predicted errors
+    norm2: float = 0.0
 
 
 @register_pass
@@ -165,6 +167,33 @@ class TtLinear(DecomposePass):
             C = s[:r, None] * Vh[:r]
         return tuple(ranks + [1])
 
+    def predicted_error(self, layer: Layer, a: TtAnalysis, ranks: tuple[int, ...]) -> float:
+        """The relative error of TT-SVD at ``ranks``: the sweep's discarded singular values,
+        ``sqrt(sum_k tail_k^2) / ||W||``, exact for TT-SVD (each step's left factor is orthonormal,
+        so the discarded parts are orthogonal; Oseledets 2011) -- what ``factorize`` (tensorly's
+        tensor_train, the same sweep) then achieves. The first unfolding's SVD is computed once."""
+        if a.first is None:
+            T = self._tensor(layer, a)
+            if T.numel() >= 1 << 24:
+                T = T.float()
+            a.norm2 = float((T.double() ** 2).sum())
+            _, s0, vh0 = svd(T.reshape(T.shape[0], -1))
+            a.first = (s0, vh0)
+        if a.norm2 <= 0:
+            return 0.0
+        s0, vh0 = a.first
+        modes = [o * i for o, i in zip(a.outs, a.ins)]
+        r = min(int(ranks[1]), len(s0))
+        tail = float((s0[r:].double() ** 2).sum())
+        C = s0[:r, None] * vh0[:r]
+        for k in range(1, self.cores - 1):
+            C = C.reshape(r * modes[k], -1)
+            _, s, vh = svd(C)
+            r = min(int(ranks[k + 1]), len(s))
+            tail += float((s[r:].double() ** 2).sum())
+            C = s[:r, None] * vh[:r]
+        return min(1.0, max(tail, 0.0) ** 0.5 / a.norm2**0.5)
+
     def energy_rank(self, layer: Layer, a: TtAnalysis, energy: float) -> tuple[int, ...]:
         return self._rule_ranks(layer, a, lambda C, s: energy_rank(s, energy))
 
@@ -184,6 +213,16 @@ class TtLinear(DecomposePass):
             rec = tl.tt_to_tensor(tt)
         ranks = tuple([1] + [int(f.shape[2]) for f in factors[:-1]] + [1])  # tensorly may cap them
         err = ((rec - T).norm() / T.norm()).item() if T.norm() > 0 else 0.0
+        return Factorization(self.method, ranks, self._ops(layer, a, ranks, [f.to(layer.weight.dtype) for f in factors]), weight_error=err)
+
+    def template(self, layer: Layer, ranks: tuple[int, ...]) -> list:
+        a = self.analyze(layer, None)
+        modes = [o * i for o, i in zip(a.outs, a.ins)]
+        factors = [torch.randn(ranks[k], modes[k], ranks[k + 1], dtype=layer.weight.dtype) for k in range(self.cores)]
+        return self._ops(layer, a, tuple(ranks), factors)
+
+    def _ops(self, layer: Layer, a: TtAnalysis, ranks: tuple[int, ...], factors: list[torch.Tensor]) -> list:
+        d = self.cores
         outs, ins = a.outs, a.ins
         dtype = layer.weight.dtype
         lead = list(layer.in_shape[:-1])
@@ -207,4 +246,4 @@ class TtLinear(DecomposePass):
         ops.append(Reshape(out_shape))
         if layer.bias is not None:
             ops.append(AddBias(layer.bias, layer.bias_node))
-        return Factorization(self.method, ranks, ops, weight_error=err)
+        return ops

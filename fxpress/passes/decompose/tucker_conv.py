@@ -27,6 +27,11 @@ input resolution, which matters with stride 2); otherwise the layer is left alon
 Numerics: at full ranks the composition equals the convolution up to float rounding; the rank
 search ranks by the HOSVD truncation error ``sqrt(1 - ||W x_0 U_out^T x_1 U_in^T||^2 / ||W||^2)``,
 which HOOI's result never exceeds; the achieved weight error and the output error are reported.
+
+Data-aware (``data_aware=True`` with calibration inputs; ``fxpress.decompose`` with ``calibration=``):
+the spectra and the input factor come from the input-whitened kernel ``W x_in C^(1/2)``, the core and
+output factor from a reduced-rank regression of the layer's outputs on the calibration samples
+(data_aware.py): the least output error for that input factor, not the least weight error.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from .activations import LayerInputs
 from .common import DecomposePass
 from .layers import Layer
 from .ops import Conv, Factorization, padded_conv
+from .data_aware import MIN_POSITIONS_PER_UNKNOWN, enough, patch_moments, reduced_rank, whitening
 from .ranks import energy_rank, evbmf_rank, rank_grid, round_rank, svd, gram_eigh
 
 __all__ = ["TuckerConv", "tucker_cost"]
@@ -56,6 +62,10 @@ class TuckerAnalysis:
     total: float
     U: list[torch.Tensor] | None = None  # pointwise only: the SVD
     Vh: list[torch.Tensor] | None = None
+    S: torch.Tensor | None = None  # data-aware: the input whitening C^(1/2), its inverse, the samples
+    S_inv: torch.Tensor | None = None
+    samples: torch.Tensor | None = None
+    note: str = ""  # why a data-aware request was not (fully) honoured
 
 
 def tucker_cost(layer: Layer, rank: Any) -> tuple[int, int]:
@@ -98,17 +108,27 @@ class TuckerConv(DecomposePass):
 
     iterations: HOOI iterations of ``partial_tucker`` after the HOSVD initialization (past a few, the
         error barely moves: 0.7367 -> 0.7328 -> 0.7323 at 1 / 5 / 20 on a random 256x256x3x3 kernel).
+    data_aware: with calibration inputs, minimise the output error on them (data_aware.py).
+    damping / ridge: of the input whitening and of the output regression, relative to their scale.
     """
 
     name = "tucker-conv"
     method = "tucker"
     kinds = ("conv2d",)
 
-    def __init__(self, rank: Any = None, *, iterations: int = 5, **options):
+    def __init__(self, rank: Any = None, *, iterations: int = 5, data_aware: bool = False, damping: float = 0.01,
+                 ridge: float = 1e-4, **options):
         super().__init__(rank, **options)
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
             raise ValueError(f"iterations must be an integer >= 0, got {iterations!r}")
+        for name, v in (("damping", damping), ("ridge", ridge)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
         self.iterations = iterations
+        self.data_aware, self.damping, self.ridge = bool(data_aware), float(damping), float(ridge)
+
+    def wants_gram(self, layer: Layer) -> bool:
+        return self.data_aware
 
     def applicable(self, layer: Layer) -> str | None:
         if layer.groups > 1 and layer.in_features // layer.groups == 1:
@@ -120,7 +140,22 @@ class TuckerConv(DecomposePass):
         return layer.kernel == (1, 1)
 
     def analyze(self, layer: Layer, inputs: LayerInputs | None) -> TuckerAnalysis:
-        groups = list(layer.weight.detach().double().chunk(layer.groups, 0))
+        W = layer.weight.detach().double()
+        S = S_inv = samples = None
+        note = ""
+        if self.data_aware and inputs is not None and inputs.gram is not None:
+            if layer.groups > 1:
+                note = "grouped convolution: decomposed from the weights only (data-aware is for groups=1)"
+            else:
+                S, S_inv = whitening(inputs.gram, inputs.rows, self.damping)
+                W = torch.einsum("oihw,ij->ojhw", W, S)  # the kernel seen by whitened inputs
+                samples = inputs.sample()
+        a = self._spectra(layer, W)
+        a.S, a.S_inv, a.samples, a.note = S, S_inv, samples, note
+        return a
+
+    def _spectra(self, layer: Layer, W: torch.Tensor) -> TuckerAnalysis:
+        groups = list(W.chunk(layer.groups, 0))
         total = float(sum((Wg**2).sum() for Wg in groups))
         if self._pointwise(layer):
             U, S, V = [], [], []
@@ -162,6 +197,36 @@ class TuckerConv(DecomposePass):
     def cost(self, layer: Layer, rank: Any) -> tuple[int, int]:
         return tucker_cost(layer, rank)
 
+    def frontier(self, layer: Layer, cap: float, metric: str = "params") -> list[Any]:
+        """Per output rank (the search grid, and every multiple of 8), the largest input rank that fits
+        ``cap``, and its largest multiples of 8 and 16 (see ``DecomposePass.frontier``)."""
+        if self._pointwise(layer):
+            return super().frontier(layer, cap, metric)
+        idx = 0 if metric == "params" else 1
+        ci, co = layer.in_features // layer.groups, layer.out_features // layer.groups
+        step_i = self.round_to if ci >= 2 * self.round_to else 1
+        outs = set(rank_grid(co, self.round_to, 20)) | {co}
+        if self.round_to == 1:
+            outs |= set(range(8, co + 1, 8))
+        out = set()
+        for r_out in sorted(outs):
+            if tucker_cost(layer, (r_out, ci))[idx] <= cap:
+                r_in = ci  # the input factor folded into the core
+            else:
+                lo, hi = 0, (ci - 1) // step_i
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    if tucker_cost(layer, (r_out, mid * step_i))[idx] <= cap:
+                        lo = mid
+                    else:
+                        hi = mid - 1
+                r_in = lo * step_i
+            if r_in < 1:
+                continue
+            out.add((r_out, r_in))
+            out |= {(r_out, r_in // m * m) for m in (8, 16) if r_in // m * m >= 1 and m % step_i == 0}
+        return sorted(out)
+
     def energy_rank(self, layer: Layer, a: TuckerAnalysis, energy: float) -> Any:
         if a.pointwise:
             return self.normalize_rank(layer, max(energy_rank(s, energy) for s in a.s_out))
@@ -192,6 +257,8 @@ class TuckerConv(DecomposePass):
         return max(tail, 0.0) ** 0.5 / a.total**0.5
 
     def factorize(self, layer: Layer, rank: Any, a: TuckerAnalysis) -> Factorization:
+        if a.S is not None and not a.pointwise:
+            return self._factorize_data(layer, rank, a)
         g = layer.groups
         dtype = layer.weight.dtype
         pads_h, pads_w = layer.pads()
@@ -201,7 +268,10 @@ class TuckerConv(DecomposePass):
             firsts, seconds = [], []
             for u, s, vh in zip(a.U, a.s_out, a.Vh):
                 root = s[:r].sqrt()
-                firsts.append((root[:, None] * vh[:r])[:, :, None, None])
+                first = root[:, None] * vh[:r]
+                if a.S_inv is not None:  # whitened SVD: W ~ U_r s_r Vh_r S^-1
+                    first = first @ a.S_inv
+                firsts.append(first[:, :, None, None])
                 seconds.append((u[:, :r] * root)[:, :, None, None])
             P, Q = torch.cat(firsts), torch.cat(seconds)
             W_hat = torch.cat([torch.einsum("ri,or->oi", P[j * r:(j + 1) * r, :, 0, 0], Q.chunk(g, 0)[j][:, :, 0, 0]) for j in range(g)])[:, :, None, None]
@@ -210,7 +280,12 @@ class TuckerConv(DecomposePass):
                 Conv(Q.to(dtype), layer.bias, (1, 1), [0, 0], (1, 1), g, bias_node=layer.bias_node),
             ]
             err = ((W_hat - W).norm() / W.norm()).item() if W.norm() > 0 else 0.0
-            return Factorization(self.method, r, ops, weight_error=err, notes=["1x1 kernel: Tucker-2 is an SVD (two 1x1 convolutions)"])
+            notes = ["1x1 kernel: Tucker-2 is an SVD (two 1x1 convolutions)"]
+            if a.S_inv is not None:
+                notes.append("data-aware: input-whitened SVD")
+            elif a.note:
+                notes.append(a.note)
+            return Factorization(self.method, r, ops, weight_error=err, notes=notes)
         r_out, r_in = rank
         ci, co = layer.in_features // g, layer.out_features // g
         cores, outs, ins, recon = [], [], [], []
@@ -224,18 +299,77 @@ class TuckerConv(DecomposePass):
             cores.append(core), outs.append(u_out), ins.append(u_in)
         W_hat = torch.cat(recon)
         err = ((W_hat - W).norm() / W.norm()).item() if W.norm() > 0 else 0.0
+        P = torch.cat([u.T[:, :, None, None] for u in ins]).to(dtype) if ins[0] is not None else None
+        Q = torch.cat([u[:, :, None, None] for u in outs]).to(dtype) if outs[0] is not None else None
+        return Factorization(self.method, (r_out, r_in), self._ops(layer, P, torch.cat(cores).to(dtype), Q), weight_error=err,
+                             notes=[a.note] if a.note else [])
+
+    def _factorize_data(self, layer: Layer, rank: Any, a: TuckerAnalysis) -> Factorization:
+        """Data-aware Tucker-2 (groups=1): input factor from the whitened kernel, core and output
+        factor by reduced-rank regression on the calibration samples (data_aware.py)."""
+        r_out, r_in = rank
+        ci, co = layer.in_features, layer.out_features
+        kh, kw = layer.kernel
+        W = layer.weight.detach().double()
+        core, (u_out, u_in) = partial_tucker2(torch.einsum("oihw,ij->ojhw", W, a.S), r_out, r_in, self.iterations)
+        P = u_in.T @ a.S_inv  # [r_in, ci]: whiten (S^-1 x), then project (U_in'^T)
+        has_p = r_in < ci
+        K = core if has_p else torch.einsum("abhw,bi->aihw", core, P)  # [r_out, r_in or ci, kh, kw]: acts on P x, or x
+        U = u_out
+        notes = ["data-aware: input factor from the input-whitened kernel"]
+        if a.samples is not None:
+            pads_h, pads_w = layer.pads()
+            first = (lambda t: torch.nn.functional.conv2d(t, P[:, :, None, None])) if has_p else (lambda t: t)
+            uu, yu, n = patch_moments(layer, a.samples, first, (kh, kw), layer.stride, layer.dilation, pads_h, pads_w)
+            unknowns = uu.shape[0]
+            if enough(n, unknowns):
+                U, Kf = reduced_rank(uu, yu, r_out, self.ridge)
+                K = Kf.reshape(r_out, -1, kh, kw)
+                notes.append(f"core and output factor fitted on the outputs ({n:,} sample positions)")
+            else:
+                notes.append(f"output side from the weights: {n:,} sample positions are too few to fit {unknowns:,} "
+                             f"unknowns per output (needs {MIN_POSITIONS_PER_UNKNOWN}x)")
+        W_hat = torch.einsum("aihw,oa->oihw", K, U)
+        if has_p:
+            W_hat = torch.einsum("obhw,bi->oihw", W_hat, P)
+        err = ((W_hat - W).norm() / W.norm()).item() if W.norm() > 0 else 0.0
+        dtype = layer.weight.dtype
+        if r_out == co:
+            K_op, Q_op = torch.einsum("aihw,oa->oihw", K, U), None
+        else:
+            K_op, Q_op = K, U[:, :, None, None].to(dtype)
+        ops = self._ops(layer, P[:, :, None, None].to(dtype) if has_p else None, K_op.to(dtype), Q_op)
+        return Factorization(self.method, (r_out, r_in), ops, weight_error=err, notes=notes)
+
+
+    def _ops(self, layer: Layer, P: torch.Tensor | None, K: torch.Tensor, Q: torch.Tensor | None) -> list:
+        """1x1 P (none where r_in is full) -> core K -> 1x1 Q (none where r_out is full); the bias on the last."""
+        g = layer.groups
+        pads_h, pads_w = layer.pads()
         ops = []
-        if ins[0] is not None:
-            P = torch.cat([u.T[:, :, None, None] for u in ins])
-            ops.append(Conv(P.to(dtype), None, (1, 1), [0, 0], (1, 1), g))
-        K = torch.cat(cores)
-        last_is_core = outs[0] is None
-        ops += padded_conv(K.to(dtype), layer.bias if last_is_core else None, layer.stride, pads_h, pads_w, layer.dilation, g,
+        if P is not None:
+            ops.append(Conv(P, None, (1, 1), [0, 0], (1, 1), g))
+        last_is_core = Q is None
+        ops += padded_conv(K, layer.bias if last_is_core else None, layer.stride, pads_h, pads_w, layer.dilation, g,
                            out_hw=layer.out_hw, bias_node=layer.bias_node if last_is_core else None)
         if not last_is_core:
-            Q = torch.cat([u[:, :, None, None] for u in outs])
-            ops.append(Conv(Q.to(dtype), layer.bias, (1, 1), [0, 0], (1, 1), g, bias_node=layer.bias_node))
-        return Factorization(self.method, (r_out, r_in), ops, weight_error=err)
+            ops.append(Conv(Q, layer.bias, (1, 1), [0, 0], (1, 1), g, bias_node=layer.bias_node))
+        return ops
+
+    def template(self, layer: Layer, rank: Any) -> list:
+        g = layer.groups
+        ci, co = layer.in_features // g, layer.out_features // g
+        kh, kw = layer.kernel
+        z = lambda *shape: torch.randn(*shape, dtype=layer.weight.dtype)  # noqa: E731
+        if self._pointwise(layer):
+            pads_h, pads_w = layer.pads()
+            return [*padded_conv(z(g * rank, ci, 1, 1), None, layer.stride, pads_h, pads_w, layer.dilation, g, out_hw=layer.out_hw),
+                    Conv(z(g * co, rank, 1, 1), layer.bias, (1, 1), [0, 0], (1, 1), g)]
+        r_out, r_in = rank
+        P = z(g * r_in, ci, 1, 1) if r_in < ci else None
+        Q = z(g * co, r_out, 1, 1) if r_out < co else None
+        K = z(g * (r_out if Q is not None else co), r_in if P is not None else ci, kh, kw)
+        return self._ops(layer, P, K, Q)
 
 
 def partial_tucker2(W: torch.Tensor, r_out: int, r_in: int, iterations: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:

@@ -71,12 +71,13 @@ def _low_rank(conv: nn.Conv2d, method: str, r: int) -> None:
         W.copy_(torch.cat(parts) / 4)
 
 
-@pytest.mark.parametrize("method,pass_name,n_convs,rank", [
-    ("tucker", "tucker-conv", 3, (3, 3)),
-    ("spatial-svd", "spatial-svd-conv", 2, 3),
-    ("cp", "cp-conv", 4, 3),
+@pytest.mark.parametrize("method,pass_name,n_convs,rank,extra", [
+    ("tucker", "tucker-conv", 3, (3, 3), {}),
+    ("spatial-svd", "spatial-svd-conv", 2, 3, {}),
+    ("cp", "cp-conv", 3, 3, {}),  # fused: 1x1 -> depthwise kh x kw (kernel = col * row, computed) -> 1x1
+    ("cp", "cp-conv", 4, 3, {"depthwise": "separable"}),  # 1x1 -> kh x 1 -> 1 x kw -> 1x1
 ])
-def test_conv_geometries_exact_at_true_rank(method, pass_name, n_convs, rank):
+def test_conv_geometries_exact_at_true_rank(method, pass_name, n_convs, rank, extra):
     """Stride, per-axis padding, dilation, groups, no bias, 'same' with an even kernel, 'valid':
     a kernel of exact rank r is reproduced by the factor chain (any batch size)."""
     m = AllGeometries().eval()
@@ -84,7 +85,7 @@ def test_conv_geometries_exact_at_true_rank(method, pass_name, n_convs, rank):
         _low_rank(conv, method, 3)
     x = torch.randn(2, 16, 12, 12)
     gm = fxpress.capture(m, (x,))
-    opts = dict(rank=rank, calibration=[x])
+    opts = dict(rank=rank, calibration=[x], **extra)
     if method == "cp":
         opts.update(restarts=1, iterations=150, tol=1e-10, fallback=False)
     out, rep = run_pass(gm, pass_name, (x,), **opts)
