@@ -50,6 +50,18 @@ def whitening(gram: torch.Tensor, rows: int, damping: float) -> tuple[torch.Tens
     return (Q * root) @ Q.T, (Q / root) @ Q.T
 
 
+def whitened_inputs(layer: Layer, inputs, enabled: bool, damping: float) -> tuple:
+    """(S, S_inv, samples, note) for a data-aware conv decomposition: the input whitening and the
+    sampled activations when calibration statistics exist and the conv is ungrouped; Nones (with
+    the reason in ``note`` for a grouped conv) otherwise."""
+    if not enabled or inputs is None or inputs.gram is None:
+        return None, None, None, ""
+    if layer.groups > 1:
+        return None, None, None, "grouped convolution: decomposed from the weights only (data-aware is for groups=1)"
+    S, S_inv = whitening(inputs.gram, inputs.rows, damping)
+    return S, S_inv, inputs.sample(), ""
+
+
 def _patches(t: torch.Tensor, kernel: tuple[int, int], stride, dilation, pads_h, pads_w) -> torch.Tensor:
     """[N * L, C * kh * kw]: the patches a convolution with this geometry reads (asymmetric padding ok)."""
     if any(pads_h) or any(pads_w):

@@ -42,7 +42,7 @@ from .activations import LayerInputs
 from .common import DecomposePass
 from .layers import Layer
 from .ops import Factorization, padded_conv
-from .data_aware import MIN_POSITIONS_PER_UNKNOWN, enough, fit, patch_moments, whitening
+from .data_aware import MIN_POSITIONS_PER_UNKNOWN, enough, fit, patch_moments, whitened_inputs
 from .ranks import energy_rank, evbmf_rank, round_rank, singular_values, svd
 
 __all__ = ["SpatialSvdConv"]
@@ -110,15 +110,9 @@ class SpatialSvdConv(DecomposePass):
 
     def analyze(self, layer: Layer, inputs: LayerInputs | None) -> SpatialAnalysis:
         Ms = [_unfold(Wg) for Wg in self._groups(layer)]
-        S = S_inv = samples = None
-        note = ""
-        if self.data_aware and inputs is not None and inputs.gram is not None:
-            if layer.groups > 1:
-                note = "grouped convolution: decomposed from the weights only (data-aware is for groups=1)"
-            else:
-                S, S_inv = whitening(inputs.gram, inputs.rows, self.damping)
-                Ms = [_whiten_rows(Ms[0], S, layer.kernel[0])]
-                samples = inputs.sample()
+        S, S_inv, samples, note = whitened_inputs(layer, inputs, self.data_aware, self.damping)
+        if S is not None:
+            Ms = [_whiten_rows(Ms[0], S, layer.kernel[0])]
         sv = [singular_values(M) for M in Ms]
         total = float(sum((M**2).sum() for M in Ms))
         return SpatialAnalysis(Ms, sv, total, S, S_inv, samples, note)

@@ -47,7 +47,7 @@ from .activations import LayerInputs
 from .common import DecomposePass
 from .layers import Layer
 from .ops import Conv, Factorization, padded_conv
-from .data_aware import MIN_POSITIONS_PER_UNKNOWN, enough, patch_moments, reduced_rank, whitening
+from .data_aware import MIN_POSITIONS_PER_UNKNOWN, enough, patch_moments, reduced_rank, whitened_inputs
 from .ranks import energy_rank, evbmf_rank, rank_grid, round_rank, svd, gram_eigh
 
 __all__ = ["TuckerConv", "tucker_cost"]
@@ -141,15 +141,9 @@ class TuckerConv(DecomposePass):
 
     def analyze(self, layer: Layer, inputs: LayerInputs | None) -> TuckerAnalysis:
         W = layer.weight.detach().double()
-        S = S_inv = samples = None
-        note = ""
-        if self.data_aware and inputs is not None and inputs.gram is not None:
-            if layer.groups > 1:
-                note = "grouped convolution: decomposed from the weights only (data-aware is for groups=1)"
-            else:
-                S, S_inv = whitening(inputs.gram, inputs.rows, self.damping)
-                W = torch.einsum("oihw,ij->ojhw", W, S)  # the kernel seen by whitened inputs
-                samples = inputs.sample()
+        S, S_inv, samples, note = whitened_inputs(layer, inputs, self.data_aware, self.damping)
+        if S is not None:
+            W = torch.einsum("oihw,ij->ojhw", W, S)  # the kernel seen by whitened inputs
         a = self._spectra(layer, W)
         a.S, a.S_inv, a.samples, a.note = S, S_inv, samples, note
         return a
