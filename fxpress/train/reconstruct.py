@@ -189,7 +189,6 @@ def reconstruct(
     """
     from tqdm.auto import tqdm
 
-    from ..ir.graph import get_attr_value
     from .distill import _arity, _is_graph, _is_quantized, _run_with_taps, _split, _teacher_graph, _to
 
     if not _is_graph(student):
@@ -238,7 +237,7 @@ def reconstruct(
             targets = [_run_with_taps(t_graph, args, [n.name for n in layers])[1] for args in batches]
             bar = tqdm(layers, desc="reconstruct", disable=(None if progress and dist_utils.is_main_process() else True), leave=False)
             for i, node in enumerate(bar):
-                fit = _fit_layer(student, node, [a for a in batches], [t[i] for t in targets], kept, ridge, get_attr_value)
+                fit = _fit_layer(student, node, batches, [t[i] for t in targets], kept, ridge)
                 if isinstance(fit, str):
                     report.skipped.append((node.name, fit))
                 else:
@@ -250,7 +249,8 @@ def reconstruct(
     return report
 
 
-def _fit_layer(student, node, batches, targets, kept, ridge, get_attr_value) -> LayerFit | str:
+def _fit_layer(student, node, batches, targets, kept, ridge) -> LayerFit | str:
+    from ..ir.graph import get_attr_value
     from .distill import _run_with_taps
 
     w = get_attr_value(student, node.args[1].target)
