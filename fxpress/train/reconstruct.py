@@ -18,7 +18,9 @@ layer corrects the error that reaches it) and ``Y_t`` the teacher's output of th
 the channels the student kept (from the pruning plans; the layer's output then matches the teacher's
 on those channels, so the batch-norm statistics that follow are right again). Convolutions are solved
 on their unfolded (im2col) inputs. The normal equations are accumulated over the batches in float64,
-so memory is one ``D x D`` matrix per layer (``D`` = inputs x kernel size), not the activations.
+so memory is one ``D x D`` matrix per layer (``D`` = inputs x kernel size) plus, per batch, the
+activations crossing the current layer: student and teacher graphs are each run once per batch,
+node by node, pausing at each layer while it is re-fitted.
 
 A layer is re-fitted only when its weights are the teacher's layer's weights less the removed
 channels (so both compute the same thing where nothing was removed), and only changed when its error
@@ -79,6 +81,44 @@ class ReconstructReport:
             lines.append(f"  left alone ({len(self.skipped)}):")
             lines += [f"    {n}: {why}" for n, why in self.skipped]
         return "\n".join(lines)
+
+
+class _Stepper(fx.Interpreter):
+    """Runs a graph on one batch node by node, on demand: ``value_before(node)`` runs every node before
+    ``node`` (in graph order) and returns its first argument's value; ``value_of(node)`` runs through
+    ``node``. A value is dropped once its last user has run, so the activations alive at any time are
+    those crossing the current point of the graph. Parameters are read when their ``get_attr`` runs,
+    and re-fitting updates them in place, so later nodes see the new weights."""
+
+    def __init__(self, gm: fx.GraphModule, args: tuple):
+        super().__init__(gm, garbage_collect_values=False)
+        from torch.utils import _pytree as pytree
+
+        self.order = list(gm.graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.order)}
+        self.last_use = {n: max((self.index[u] for u in n.users), default=self.index[n]) for n in self.order}
+        self.pos = 0
+        self.env = {}
+        self.args_iter = iter(pytree.tree_leaves(args))
+
+    def _run_to(self, stop: int) -> None:
+        while self.pos < stop:
+            n = self.order[self.pos]
+            self.env[n] = self.run_node(n)
+            for a in n.all_input_nodes:
+                if self.last_use[a] <= self.pos:
+                    self.env.pop(a, None)
+            self.pos += 1
+
+    def value_before(self, node: fx.Node):
+        self._run_to(self.index[node])
+        return self.env[node.args[0]]
+
+    def value_of(self, node: fx.Node):
+        self._run_to(self.index[node] + 1)
+        if node not in self.env:  # asked out of order: its value was dropped
+            raise RuntimeError(f"reconstruct: the teacher's node {node.name} was passed before it was asked for")
+        return self.env[node]
 
 
 def _kept_channels(student: fx.GraphModule) -> dict[tuple[str, int], torch.Tensor]:
@@ -189,7 +229,7 @@ def reconstruct(
     """
     from tqdm.auto import tqdm
 
-    from .distill import _arity, _is_graph, _is_quantized, _run_with_taps, _split, _teacher_graph, _to
+    from .distill import _arity, _is_graph, _is_quantized, _split, _teacher_graph, _to
 
     if not _is_graph(student):
         raise ValueError("reconstruct pairs graph nodes by name: the student must be a graph from fxpress (prune, decompose, capture)")
@@ -211,33 +251,36 @@ def reconstruct(
             break
     if not batches:
         raise ValueError("the data yielded no batches; give a non-empty DataLoader or list of batches")
-    t_graph = _teacher_graph(teacher, batches[0])
-    t_nodes = {n.name: n for n in t_graph.graph.nodes}
-    kept = _kept_channels(student)
-    report = ReconstructReport(len(batches))
-
-    layers = []
-    for node in student.graph.nodes:
-        if node.op != "call_function" or node.target not in _LAYERS:
-            continue
-        if node.name not in t_nodes or t_nodes[node.name].target != node.target:
-            report.skipped.append((node.name, "the teacher has no layer of this name (a node the compression emitted)"))
-            continue
-        why = _why_not(node, student) or _not_same_layer(student, t_graph, node, t_nodes[node.name], kept)
-        if why:
-            report.skipped.append((node.name, why))
-            continue
-        layers.append(node)
-
     was_training, t_was_training = student.training, teacher.training
     student.eval()
     teacher.eval()
     try:
+        t_graph = _teacher_graph(teacher, batches[0]).eval()
+        t_nodes = {n.name: n for n in t_graph.graph.nodes}
+        kept = _kept_channels(student)
+        report = ReconstructReport(len(batches))
+        layers = []
+        for node in student.graph.nodes:
+            if node.op != "call_function" or node.target not in _LAYERS:
+                continue
+            if node.name not in t_nodes or t_nodes[node.name].target != node.target:
+                report.skipped.append((node.name, "the teacher has no layer of this name (a node the compression emitted)"))
+                continue
+            why = _why_not(node, student) or _not_same_layer(student, t_graph, node, t_nodes[node.name], kept)
+            if why:
+                report.skipped.append((node.name, why))
+                continue
+            layers.append(node)
         with torch.no_grad():
-            targets = [_run_with_taps(t_graph, args, [n.name for n in layers])[1] for args in batches]
+            # one stepper per batch and graph: each layer's input is computed after the layers before it
+            # were re-fitted, and every node runs once per batch
+            s_steps = [_Stepper(student, args) for args in batches]
+            t_steps = [_Stepper(t_graph, args) for args in batches]
             bar = tqdm(layers, desc="reconstruct", disable=(None if progress and dist_utils.is_main_process() else True), leave=False)
-            for i, node in enumerate(bar):
-                fit = _fit_layer(student, node, batches, [t[i] for t in targets], kept, ridge)
+            for node in bar:
+                inputs = [st.value_before(node) for st in s_steps]
+                targets = [tt.value_of(t_nodes[node.name]) for tt in t_steps]
+                fit = _fit_layer(student, node, inputs, targets, kept, ridge)
                 if isinstance(fit, str):
                     report.skipped.append((node.name, fit))
                 else:
@@ -249,9 +292,10 @@ def reconstruct(
     return report
 
 
-def _fit_layer(student, node, batches, targets, kept, ridge) -> LayerFit | str:
+def _fit_layer(student, node, inputs, targets, kept, ridge) -> LayerFit | str:
+    """Accumulate the normal equations of one layer over the batches (``inputs``: the layer's input in
+    the student, ``targets``: the teacher's output) and solve them; a string says why not."""
     from ..ir.graph import get_attr_value
-    from .distill import _run_with_taps
 
     w = get_attr_value(student, node.args[1].target)
     b_node = node.args[2] if len(node.args) > 2 else None
@@ -261,12 +305,11 @@ def _fit_layer(student, node, batches, targets, kept, ridge) -> LayerFit | str:
     gram = torch.zeros(n_in, n_in, dtype=torch.float64, device=w.device)
     cross = torch.zeros(n_in, w.shape[0], dtype=torch.float64, device=w.device)
     y_sq = torch.zeros((), dtype=torch.float64, device=w.device)
-    for args, y in zip(batches, targets):
+    for x, y in zip(inputs, targets):
         for d in range(y.dim()):
             idx = kept.get((node.name, d))
             if idx is not None and y.shape[d] != idx.numel():
                 y = y.index_select(d, idx.to(y.device))
-        _, (x,) = _run_with_taps(student, args, [node.args[0].name])
         out_shape = (*x.shape[:-1], w.shape[0]) if node.target == aten.linear.default else None
         if out_shape is not None and tuple(y.shape) != out_shape or out_shape is None and y.shape[1] != w.shape[0]:
             return f"its output {list(y.shape)} in the teacher cannot be mapped onto the student's channels"
