@@ -557,14 +557,13 @@ class QAT(Stage):
 
     def check_values(self) -> None:
         from .passes.quant.config import QuantConfig
-        from .train.qat import _BN_MODES
+        from .train.distill import _check_options
+        from .train.qat import check_bn_options
 
         o = self._defaults()
         QuantConfig.coerce(o["config"])
-        if o["bn"] not in _BN_MODES:
-            raise ValueError(f"bn must be one of {_BN_MODES}, got {o['bn']!r}")
-        if not (isinstance(o["epochs"], int) and o["epochs"] >= 1):
-            raise ValueError(f"epochs must be an integer >= 1, got {o['epochs']!r}")
+        check_bn_options(o["bn"], o["freeze_bn_after"])
+        _check_options("kd", o["temperature"], o["alpha"], "mse", 0.1, o["epochs"], 4)  # the distill options it passes on
 
     def needs_train_data(self) -> bool:
         return True

@@ -543,20 +543,21 @@ def distill(
     args0, kwargs0, _ = _split(_to(first, device), student, arity)
     ckpt = Path(checkpoint) if checkpoint is not None else None
     resuming = ckpt is not None and resume and ckpt.exists()
+    teacher_graph = None  # captured once, for the reconstruction and the hints
     if reconstruct and not resuming and _is_graph(student) and not kwargs0 and not _is_quantized(student):
         from .reconstruct import reconstruct as _reconstruct
 
-        report.reconstruction = _reconstruct(student, teacher, data, max_batches=8, progress=progress)
+        teacher_graph = _teacher_graph(teacher, args0)
+        report.reconstruction = _reconstruct(student, teacher_graph, data, max_batches=8, progress=progress)
 
     # hints: pair the graphs, build adapters on the first batch
     names: list[str] = []
     t_names: list[str] = []
     adapters: dict[str, nn.Module] = {}
-    teacher_graph = None
     channel_dims: list[int] = []
     t_select: dict[int, torch.Tensor] = {}  # hint index -> the teacher channels a pruned student kept
     if hints not in (None, False):
-        teacher_graph = _teacher_graph(teacher, args0)
+        teacher_graph = teacher_graph if teacher_graph is not None else _teacher_graph(teacher, args0)
         pairs, skipped = select_hints(student, teacher_graph, hints, max_hints=max_hints)
         report.hints, report.skipped_hints = pairs, skipped
         names, t_names = [p.student for p in pairs], [p.teacher for p in pairs]

@@ -112,13 +112,7 @@ def prepare_qat(
     """
     from ..api import calibrate, prepare
 
-    if bn not in _BN_MODES:
-        raise ValueError(f"bn must be one of {_BN_MODES} (fold batch norms before training, or train them), got {bn!r}")
-    if freeze_bn_after is not None:
-        if bn != "train":
-            raise ValueError("freeze_bn_after applies to bn='train' (with bn='fold' the statistics are folded, frozen from the start)")
-        if isinstance(freeze_bn_after, bool) or not isinstance(freeze_bn_after, int) or freeze_bn_after < 0:
-            raise ValueError(f"freeze_bn_after must be an integer >= 0, got {freeze_bn_after!r}")
+    check_bn_options(bn, freeze_bn_after)
     cfg = QuantConfig.coerce(config)
     inputs = normalize_inputs(example_inputs)
     gm = _float_graph(model, inputs)
@@ -150,6 +144,17 @@ def prepare_qat(
 
         warnings.warn("prepare_qat: the config quantizes nothing in this model (no fake-quant was inserted)", stacklevel=2)
     return gm.train()
+
+
+def check_bn_options(bn: str, freeze_bn_after: int | None) -> None:
+    """prepare_qat's batch-norm options (also checked by the ``qat`` recipe stage before anything runs)."""
+    if bn not in _BN_MODES:
+        raise ValueError(f"bn must be one of {_BN_MODES} (fold batch norms before training, or train them), got {bn!r}")
+    if freeze_bn_after is not None:
+        if bn != "train":
+            raise ValueError("freeze_bn_after applies to bn='train' (with bn='fold' the statistics are folded, frozen from the start)")
+        if isinstance(freeze_bn_after, bool) or not isinstance(freeze_bn_after, int) or freeze_bn_after < 0:
+            raise ValueError(f"freeze_bn_after must be an integer >= 0, got {freeze_bn_after!r}")
 
 
 def quantize_qat(

@@ -176,7 +176,7 @@ def _out_rows(node: fx.Node, y: torch.Tensor) -> torch.Tensor:
     return y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
 
 
-def _why_not(node: fx.Node, gm: fx.GraphModule) -> str | None:
+def _why_not(node: fx.Node) -> str | None:
     w = node.args[1] if len(node.args) > 1 else None
     if not isinstance(w, fx.Node) or w.op != "get_attr":
         return "its weight is computed in the graph (not a parameter)"
@@ -184,10 +184,10 @@ def _why_not(node: fx.Node, gm: fx.GraphModule) -> str | None:
     if b is not None and (not isinstance(b, fx.Node) or b.op != "get_attr"):
         return "its bias is computed in the graph"
     if node.target == aten.conv2d.default:
-        padding = _conv_args(node)[1]
+        _, padding, _, groups = _conv_args(node)
         if isinstance(padding, str):
             return f"padding={padding!r}"
-        if _conv_args(node)[3] != 1:
+        if groups != 1:
             return "a grouped convolution (each group would need its own system)"
     return None
 
@@ -266,7 +266,7 @@ def reconstruct(
             if node.name not in t_nodes or t_nodes[node.name].target != node.target:
                 report.skipped.append((node.name, "the teacher has no layer of this name (a node the compression emitted)"))
                 continue
-            why = _why_not(node, student) or _not_same_layer(student, t_graph, node, t_nodes[node.name], kept)
+            why = _why_not(node) or _not_same_layer(student, t_graph, node, t_nodes[node.name], kept)
             if why:
                 report.skipped.append((node.name, why))
                 continue
