@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-__all__ = ["PassReport"]
+__all__ = ["PassReport", "SizeRatios"]
 
 
 @dataclass
@@ -57,3 +57,21 @@ class PassReport:
             lines.append(f"  - ... {len(self.skipped) - 50} more skipped")
         lines += [f"  * {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+class SizeRatios:
+    """``params_ratio`` and ``macs_ratio`` (after / before) for a report with ``params_before``,
+    ``params_after``, ``macs_before`` and ``macs_after``."""
+
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_after / self.params_before if self.params_before else 1.0
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_after / self.macs_before if self.macs_before else 1.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...ir.report import SizeRatios
 from .common import LayerRecord, format_ranks
 
 __all__ = ["DecomposeReport"]
@@ -18,7 +19,7 @@ def _count(n: int) -> str:
 
 
 @dataclass
-class DecomposeReport:
+class DecomposeReport(SizeRatios):
     method: str
     rule: str  # "budget params<=0.5", "rank 0.5", "energy 0.95", ...
     params_before: int
@@ -33,14 +34,6 @@ class DecomposeReport:
     notes: list[str] = field(default_factory=list)
     pipeline: Any = field(default=None, repr=False)
     rounds: int = 1
-
-    @property
-    def params_ratio(self) -> float:
-        return self.params_after / self.params_before if self.params_before else 1.0
-
-    @property
-    def macs_ratio(self) -> float:
-        return self.macs_after / self.macs_before if self.macs_before else 1.0
 
     @property
     def decomposed(self) -> list[LayerRecord]:

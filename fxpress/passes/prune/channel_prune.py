@@ -39,7 +39,7 @@ import torch.fx as fx
 from ...ir.channels import FACTOR_POLICIES, KERNEL_WINDOW, ChannelAnalysis, ChannelGroup, PruningPlan, analyze_channels
 from ...ir.cost import count_params, total_macs
 from ...ir.graph import get_attr_value
-from ...ir.report import PassReport
+from ...ir.report import PassReport, SizeRatios
 from ...ir.verify import refresh_meta
 from ..base import Pass, register_pass
 from .importance import IMPORTANCES, _bn_weights, compute_gradients, group_scores, select_channels
@@ -57,7 +57,7 @@ class LayerChange:
 
 
 @dataclass
-class PruneReport:
+class PruneReport(SizeRatios):
     """What one pruning run did (``prune`` merges the steps of an iterative run)."""
 
     ratio: float
@@ -80,14 +80,6 @@ class PruneReport:
         # that graph's nodes and fake tensors, which cannot be copied); copies share it.
         fields = {f.name: (self.plan if f.name == "plan" else copy.deepcopy(getattr(self, f.name), memo)) for f in dataclasses.fields(self)}
         return type(self)(**fields)
-
-    @property
-    def params_ratio(self) -> float:
-        return self.params_after / self.params_before if self.params_before else 1.0
-
-    @property
-    def macs_ratio(self) -> float:
-        return self.macs_after / self.macs_before if self.macs_before else 1.0
 
     def layer_table(self) -> list[tuple[str, str]]:
         """Per layer (a module whose ``weight`` changed): weight dims 0 and 1 before -> after, i.e.
