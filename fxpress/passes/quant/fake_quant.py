@@ -27,7 +27,7 @@ How qparams evolve during training:
   with the configured weight observer (per-channel min/max by default);
 * activations: the observer keeps recording training batches until ``observe_steps`` training
   steps have passed (None: forever), and the qparams are re-read from it every ``refresh_every``
-  steps (1 for min/max observers; 16 for histogram ones, whose range search costs tens of ms);
+  steps (1 for min/max observers; 16 for histogram ones, whose range search costs a few ms);
   with ``torch.distributed`` initialized the statistics are first reduced across ranks (on a copy,
   so repeated reductions never double count), so every rank fake-quantizes identically;
 * ``learnable=True`` (LSQ, Esser et al. 2020): the scale (and, for affine tensors, the zero point)
