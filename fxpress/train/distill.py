@@ -47,8 +47,18 @@ restored afterwards. Captured student graphs train through their ``.train()``/``
 Distributed (``torchrun``): with ``torch.distributed`` initialized, the student (and the adapters) are
 wrapped in DistributedDataParallel (``broadcast_buffers=False``: observers and batch-norm statistics
 stay per rank and are reduced explicitly), each rank passes its own shard of the data (a
-DistributedSampler), all ranks must see the same number of batches, batch-norm running statistics
-are averaged over ranks after every epoch, and only rank 0 writes checkpoints and shows progress.
+DistributedSampler), all ranks must see the same number of batches, and only rank 0 writes
+checkpoints and shows progress. Batch norms that train (a pruned or decomposed student's, in train
+mode; ``prepare_qat(bn="train")``'s; eager ``nn.BatchNorm*``) are synchronized (``sync_bn=True``, the
+default; ``nn.SyncBatchNorm``'s semantics, on any backend, gloo included): they normalize with the
+mean and variance of the global batch, all ranks' samples together, in forward and backward, and
+update their running statistics from it, so N processes on per-rank shards train what one process
+trains on the whole batches (within float rounding). Nothing in the student is rewritten: the
+batch-norm calls are redirected (``fxpress.train.distributed.SyncBatchNorms``) only in the forwards
+DDP runs, so the returned student is the same graph, with no tie to a process group. With
+``sync_bn=False`` each rank normalizes its own shard (what DDP without SyncBatchNorm does). Either
+way the running statistics are then averaged over ranks after every epoch (a no-op when synchronized:
+they are equal already).
 
 Checkpoints: ``checkpoint="run/distill.pt"`` saves after every epoch (student and adapter weights,
 optimizer, schedule, epoch, history, RNG state); with ``resume=True`` a run finds the file and
@@ -496,6 +506,7 @@ def distill(
     max_steps: int | None = None,
     device: torch.device | str | None = None,
     ddp: bool = True,
+    sync_bn: bool = True,
 ) -> nn.Module:
     """Train ``student`` to match ``teacher`` on ``data``; return the student (trained in place, eval mode).
 
@@ -504,7 +515,8 @@ def distill(
     the student's parameters (the adapters are added to it as a parameter group).
     schedule: "cosine" (decay to 0 over the run) or None. max_steps: stop each epoch after this many
     batches (for quick runs). device: where to train (default: where the student's parameters are).
-    ddp: wrap in DistributedDataParallel when torch.distributed is initialized.
+    ddp: wrap in DistributedDataParallel when torch.distributed is initialized. sync_bn: under DDP,
+    batch norms that train use the statistics of the global batch (see the module docstring).
     reconstruct: before the first epoch, re-fit the student's layers to the teacher's outputs on up
     to 8 batches (``fxpress.reconstruct``; pruned students gain the most). Runs for float fxpress
     graphs that are not resuming from a checkpoint; its report is part of the distillation report.
@@ -635,9 +647,12 @@ def distill(
         DDP._set_params_and_buffers_to_ignore_for_model(step_module, own)
         import inspect
 
-        # buffers are not broadcast before every forward (batch-norm statistics are averaged after each epoch);
-        # the rank-local ones (observers) are excluded above, so syncing the rest once at init is harmless
+        # buffers are not broadcast before every forward (batch-norm statistics are synchronized in the forward,
+        # or, with sync_bn=False, averaged after each epoch); the rank-local ones (observers) are excluded above,
+        # so syncing the rest once at init is harmless
         no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters else {"broadcast_buffers": False}
+        if sync_bn:  # training batch norms: global-batch statistics in the forwards DDP runs (the student is not changed)
+            dist_utils.sync_batch_norms_in_forward(step_module)
         model = DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
 
     try:

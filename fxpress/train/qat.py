@@ -20,7 +20,10 @@ Batch norms (``bn``):
 * ``"train"``: batch norms stay and normalize with batch statistics while training
   (``QATBatchNorm``); ``freeze_bn_after=N`` switches them to their running statistics after N
   training steps (``freeze_bn(qat)`` does it now). They are folded at convert. Needs per-channel
-  symmetric weights (the default), for which folding commutes with fake quantization.
+  symmetric weights (the default), for which folding commutes with fake quantization. Under DDP,
+  ``fxpress.distill`` synchronizes them (``sync_bn=True``): batch statistics of the global batch,
+  as ``nn.SyncBatchNorm`` computes them; in a loop of your own, run the forward under
+  ``fxpress.train.distributed.SyncBatchNorms()``.
 
 Modes: static (weights and activations fake-quantized), weight-only (weights, per channel or per
 group as configured); dynamic (weights; the per-batch activation quantization the converted graph
