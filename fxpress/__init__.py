@@ -8,7 +8,7 @@ from .api import QuantReport, calibrate, convert, prepare, quant_report, quantiz
 from .backends import export_onnx
 from .backends.compile_backend import compile_reports
 from .backends.compile_backend import register as _register_backend
-from .ir import CaptureError, PassReport, VerificationError, capture
+from .ir import CaptureError, InputMismatchError, PassReport, VerificationError, capture
 from .passes import Pass, PassError, PassManager, PassResult, PipelineReport, available_passes, register_pass
 from .passes.prune import ChannelPrune, PruneReport, SparsityReport
 from .passes.quant import OpQuant, QuantConfig, TensorSpec
@@ -28,6 +28,7 @@ _register_backend()
 
 __all__ = [
     "CaptureError",
+    "InputMismatchError",
     "FallbackReport",
     "OpQuant",
     "Pass",

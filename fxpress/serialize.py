@@ -484,6 +484,7 @@ def load(path: str | os.PathLike, *, trusted: bool = False) -> fx.GraphModule:
     Raises ``FormatVersionError`` for another format version, ``UnsafeFileError`` when the archive
     holds something that would be unpickled.
     """
+    from .ir.input_check import install_input_check
     from .ir.mode import enable_train_eval
 
     path = Path(path)
@@ -515,6 +516,7 @@ def load(path: str | os.PathLike, *, trusted: bool = False) -> fx.GraphModule:
     if "recipe" in doc:
         meta["recipe"] = doc["recipe"]
     gm.meta["fxpress"] = meta
+    install_input_check(gm)  # in place of torch.export's per-call check: same errors made clear, ~0.1 ms less a call
     return gm
 
 

@@ -6,6 +6,10 @@ it. The batch dimension (dim 0 of every tensor input) is dynamic by default, bec
 are only a sample: a model captured from one image must run on a batch of 500. A model that
 specializes its batch size is captured static with one warning that says so.
 
+The result checks its inputs on every call (``input_check.py``): a wrong number of inputs, dtype, rank
+or static size raises ``InputMismatchError`` naming the input and the dim, for a few µs a call instead
+of the ~0.1 ms of torch.export's own check.
+
 Every node of the result carries ``meta["val"]`` (a FakeTensor, or a tuple/SymInt for multi-output
 and size nodes); the sizes are symbolic where the dimension is dynamic and have the sample's value
 as their hint.
@@ -25,9 +29,10 @@ import torch.fx.experimental._config as fx_config
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
+from .input_check import InputMismatchError, install_input_check
 from .mode import enable_train_eval
 
-__all__ = ["CaptureError", "capture", "normalize_inputs", "dynamic_dims", "dynamic_shapes_of"]
+__all__ = ["CaptureError", "InputMismatchError", "capture", "normalize_inputs", "dynamic_dims", "dynamic_shapes_of"]
 
 
 class CaptureError(RuntimeError):
@@ -262,4 +267,6 @@ def _finish(ep: torch.export.ExportedProgram, model: torch.nn.Module) -> torch.f
     enable_train_eval(gm)
     torch.nn.Module.train(gm, model.training)
     gm.meta["fxpress"] = {"source": type(model).__name__}
+    # torch.export's per-call input check costs ~0.1 ms; ours costs a few µs and says how to fix a bad input
+    install_input_check(gm)
     return gm
