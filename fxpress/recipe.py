@@ -96,17 +96,22 @@ def finetune(
     epochs: int = 1,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
+    warmup: float = 0.1,
     max_steps: int | None = None,
     shuffle: bool = True,
     progress: bool = True,
 ) -> nn.Module:
     """Train ``model`` (a graph from fxpress or an eager module) on ``data`` batches of (inputs..., labels)
-    with Adam and cross entropy, the learning rate decaying to zero on a cosine; return it in eval mode.
+    with Adam and cross entropy, the learning rate rising linearly over the first ``warmup`` fraction
+    of the steps, then decaying to zero on a cosine (``fxpress.train.distill.lr_schedule``, as
+    ``distill``); return it in eval mode.
 
     max_steps: stop each epoch after this many batches. shuffle: visit a list of batches in a new
     random order every epoch (torch's RNG; a DataLoader shuffles itself).
     """
     from tqdm.auto import tqdm
+
+    from .train.distill import lr_schedule
 
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
@@ -123,7 +128,7 @@ def finetune(
         per_epoch = max_steps or 100
     per_epoch = min(per_epoch, max_steps) if max_steps else per_epoch
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(epochs * per_epoch, 1))
+    schedule = lr_schedule(opt, epochs * per_epoch, "cosine", warmup)
     bar = tqdm(range(epochs), desc="fine-tuning", disable=not progress, leave=False)
     loss = None
     for _ in bar:

