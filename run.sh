@@ -12,7 +12,7 @@ command -v "$py" >/dev/null 2>&1 || py=python3
 key="$("$py" -c 'import sys;print("py%d%d"%sys.version_info[:2])')-$(sha256sum "$here/constraints.txt" | cut -c1-12)"
 venv="${FXPRESS_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/fxpress/venv-$key}"
 stamp="$venv/.fxpress-stamp"
-want="$(cat "$here/pyproject.toml" "$here/constraints.txt" | sha256sum | cut -c1-16) $here"
+want="$(cat "$here/pyproject.toml" "$here/constraints.txt" | sha256sum | cut -c1-16)"
 if [ ! -x "$venv/bin/python" ]; then
   echo "run.sh: creating $venv (first run installs torch and friends, a few minutes)" >&2
   "$py" -m venv "$venv"
@@ -26,12 +26,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   fi
   echo "$want" > "$stamp"
 fi
-export PATH="$venv/bin:$PATH"
+# the venv may be shared by several checkouts (it is keyed by the pins): this checkout's code comes first
+export PATH="$venv/bin:$PATH" PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 cmd="${1:-demo}"; shift || true
-cd "$here"
 case "$cmd" in
   demo) exec fxpress demo "$@" ;;
   test)
+    cd "$here"
     set +e
     python -m pytest -n 2 -q "$@"
     rc=$?

@@ -18,7 +18,7 @@ from .train import DistillReport, ReconstructReport, distill, distill_report, fr
 from .decompose_api import decompose, decompose_report
 from .passes.decompose import DecomposeReport
 from .sparsity_api import sparsify, sparsity_report
-from .recipe import Decompose, Distill, FineTune, Prune, Quantize, Recipe, RecipeError, RecipeResult, Sparsify
+from .recipe import QAT, Decompose, Distill, FineTune, Prune, Quantize, Recipe, RecipeError, RecipeResult, Sparsify
 from .report import CompressionReport
 from .serialize import FormatVersionError, UnsafeFileError, load, load_weights, read_metadata, save, save_weights
 
@@ -80,6 +80,7 @@ __all__ = [
     "FineTune",
     "FormatVersionError",
     "Prune",
+    "QAT",
     "Quantize",
     "Recipe",
     "RecipeError",

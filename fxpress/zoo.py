@@ -20,6 +20,8 @@ Data specs (``load_data``, for calibration / training / evaluation batches):
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Any
 
 import torch
@@ -44,6 +46,26 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _user_callable(spec: str, what: str):
+    """The callable a ``package.module:callable`` spec names, imported as ``python -m`` would: the
+    current directory comes first on ``sys.path``, so a user's own package next to them is found."""
+    module_name, _, attr = spec.partition(":")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelSpecError(
+            f"cannot import {module_name!r} from {what} spec {spec!r}: {exc} (looked in the current directory {cwd} "
+            "and on sys.path; run from the folder that holds the package, or add it to PYTHONPATH)"
+        ) from exc
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise ModelSpecError(f"{module_name!r} has no callable {attr!r} ({what} spec {spec!r})")
+    return factory
+
+
 def load_model(spec: str, input_shape: str | None = None) -> tuple[torch.nn.Module, tuple[Any, ...]]:
     shape = _parse_shape(input_shape) if input_shape else None
     if spec == "digits":
@@ -54,15 +76,7 @@ def load_model(spec: str, input_shape: str | None = None) -> tuple[torch.nn.Modu
     if spec.startswith("transformers:"):
         return _transformers_model(spec, shape)
     if ":" in spec and not spec.startswith("torchvision:"):
-        module_name, _, attr = spec.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ModelSpecError(f"cannot import {module_name!r} from model spec {spec!r}: {exc}") from exc
-        factory = getattr(module, attr, None)
-        if factory is None or not callable(factory):
-            raise ModelSpecError(f"{module_name!r} has no callable {attr!r} (model spec {spec!r})")
-        made = factory()
+        made = _user_callable(spec, "model")()
         if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
             model, inputs = made
             inputs = inputs if isinstance(inputs, tuple) else (inputs,)
@@ -217,15 +231,7 @@ def load_data(spec: str, example_inputs: tuple, *, split: str = "train", batch_s
         return out
     if ":" not in spec:
         raise ModelSpecError(f"unknown data {spec!r}: give 'digits', 'random', or package.module:callable returning batches")
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelSpecError(f"cannot import {module_name!r} from data spec {spec!r}: {exc}") from exc
-    factory = getattr(module, attr, None)
-    if factory is None or not callable(factory):
-        raise ModelSpecError(f"{module_name!r} has no callable {attr!r} (data spec {spec!r})")
-    data = factory()
+    data = _user_callable(spec, "data")()
     if iter(data) is data:
         data = list(data)
     return data
