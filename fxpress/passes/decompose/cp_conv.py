@@ -1,4 +1,5 @@
-"""cp-conv: CP decomposition of a convolution into 1x1 -> depthwise kh x 1 -> depthwise 1 x kw -> 1x1.
+"""cp-conv: CP decomposition of a convolution into 1x1 -> depthwise kh x kw (its kernel the product of
+the two spatial CP factors; or kh x 1 -> 1 x kw with ``depthwise="separable"``) -> 1x1.
 
 Before::
 
@@ -78,7 +79,7 @@ def cp_cost(layer: Layer, r: int, fused: bool = True) -> tuple[int, int]:
 
 @register_pass
 class CpConv(DecomposePass):
-    """CP (1x1 -> dw kh x 1 -> dw 1 x kw -> 1x1) of convolutions: see the module docstring.
+    """CP (1x1 -> depthwise kh x kw from two stored factors -> 1x1) of convolutions: see the module docstring.
 
     iterations: CP-ALS iterations per attempt; time_limit: seconds per layer over all attempts;
     restarts: attempts (SVD init, then random); tol: the convergence threshold on the change of the
