@@ -68,6 +68,7 @@ def prepare(
     cfg = QuantConfig.coerce(config)
     inputs = normalize_inputs(example_inputs)
     gm = _as_graph(model, inputs)
+    cfg.check_names(gm)  # a nodes / ignore name that matches nothing fails before any work
     gm, report, float_passes = _float_passes(gm, inputs, cfg, equalize, smooth_quant, calibration, max_batches, verify)
     observe = [("insert-observers", {"config": cfg}), *(["record-input-means"] if bias_correction else [])]
     gm, more = PassManager(observe, verify=verify).run(gm, inputs)

@@ -459,14 +459,24 @@ def _check_version(path: Path, doc: dict) -> None:
     from . import __version__
 
     wrote = doc.get("fxpress_version", "?")
+    head = (f"{path} is in fxpress model format version {version} (written by fxpress {wrote}); "
+            f"this fxpress ({__version__}) reads format version {FORMAT_VERSION}")
     if version > FORMAT_VERSION:
-        what = (f"it is newer than this fxpress ({__version__}) reads (version {FORMAT_VERSION}). "
-                f"Upgrade fxpress to {wrote} or later to load it")
+        upgrade = f"fxpress {wrote} or later" if _newer(wrote, __version__) else f"an fxpress that reads format version {version}"
+        what = f"The file is newer: upgrade to {upgrade} to load it"
     else:
-        what = (f"this fxpress ({__version__}) reads version {FORMAT_VERSION} only. Load it with fxpress {wrote} and "
-                "save it again with this version, or re-run the compression (the recipe is stored in the file: "
-                "fxpress.read_metadata(path)['recipe'])")
-    raise FormatVersionError(f"{path} was written by fxpress {wrote} in model format version {version}; {what}.")
+        by = f"fxpress {wrote}" if wrote != __version__ and wrote != "?" else "the fxpress that wrote it"
+        what = (f"The file is older: load it with {by} and save it again with this version, or re-run the compression "
+                "(the recipe is stored in the file: fxpress.read_metadata(path)['recipe'])")
+    raise FormatVersionError(f"{head}. {what}.")
+
+
+def _newer(a: str, b: str) -> bool:
+    """Whether version string ``a``'s release number (1.2.3) is later than ``b``'s (False when either has none)."""
+    ra, rb = (re.match(r"\d+(?:\.\d+)*", str(v)) for v in (a, b))
+    if ra is None or rb is None:
+        return False
+    return tuple(map(int, ra.group().split("."))) > tuple(map(int, rb.group().split(".")))
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

@@ -1049,9 +1049,13 @@ class ChannelAnalysis:
         return changes
 
 
-def resolve_ignore(gm: fx.GraphModule, ignore: Sequence[str]) -> dict[str, list[fx.Node]]:
+def resolve_ignore(
+    gm: fx.GraphModule, ignore: Sequence[str], *, what: str = "ignored layers",
+    how: str = "Name a module path (e.g. 'layer4.1.conv2' or 'fc') or a graph node name.",
+) -> dict[str, list[fx.Node]]:
     """The call nodes each ignored name covers: a module path (the module and everything inside
-    it) or a node name. A name that matches nothing raises ValueError naming it (with close matches)."""
+    it) or a node name. A name that matches nothing raises ValueError naming it (with close matches):
+    "{what} not found in the model: ... {how}"."""
     calls = [n for n in gm.graph.nodes if n.op == "call_function"]
     paths = {n: _module_path(n) for n in calls}
     out: dict[str, list[fx.Node]] = {}
@@ -1073,8 +1077,7 @@ def resolve_ignore(gm: fx.GraphModule, ignore: Sequence[str]) -> dict[str, list[
             close = difflib.get_close_matches(item, sorted(known), n=3)
             parts.append(f"{item!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
         raise ValueError(
-            "ignored layers not found in the model: " + "; ".join(parts)
-            + ". Name a module path (e.g. 'layer4.1.conv2' or 'fc') or a graph node name."
+            f"{what} not found in the model: " + "; ".join(parts) + f". {how}"
         )
     return out
 

@@ -123,6 +123,7 @@ def prepare_qat(
         gm = prepare(gm, inputs, cfg, verify=verify)
     else:
         _check_weights_fold_safely(cfg)
+        cfg.check_names(gm)  # as prepare does: a nodes / ignore name that matches nothing is an error
         passes = ["fold-constants", "eliminate-dead-code", ("insert-observers", {"config": cfg, "through_batch_norm": True})]
         gm, report = PassManager(passes, verify=verify).run(gm, inputs)
         gm.meta.setdefault("fxpress", {}).update(quant_config=cfg, prepare_report=report, example_inputs=inputs, bias_correction=False)

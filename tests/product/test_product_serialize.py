@@ -124,12 +124,25 @@ def saved(compressed, tmp_path_factory):
     return fxpress.save(compressed["int8_dynamic"], tmp_path_factory.mktemp("saved") / "model.pt2")
 
 
-@pytest.mark.parametrize("version, words", [(FORMAT_VERSION + 1, "Upgrade fxpress"), (0, "save it again with this version")])
-def test_other_format_versions_are_clear_errors(saved, tmp_path, version, words):
+@pytest.mark.parametrize(
+    "version, wrote, words, not_words",
+    [
+        # a newer format from this very fxpress version (or one that does not parse): no "upgrade to 0.1.0"
+        (FORMAT_VERSION + 1, None, f"The file is newer: upgrade to an fxpress that reads format version {FORMAT_VERSION + 1} to load it.", "or later"),
+        (FORMAT_VERSION + 1, "dev", "upgrade to an fxpress that reads format version", "or later"),
+        (FORMAT_VERSION + 1, "99.0.0", "The file is newer: upgrade to fxpress 99.0.0 or later to load it.", "older"),
+        (0, None, "The file is older: load it with the fxpress that wrote it and save it again with this version", "upgrade"),
+        (0, "0.0.1", "The file is older: load it with fxpress 0.0.1 and save it again with this version", "upgrade"),
+    ],
+    ids=["newer-same-release", "newer-unparsed", "newer-release", "older-same-release", "older-release"],
+)
+def test_other_format_versions_are_clear_errors(saved, tmp_path, version, wrote, words, not_words):
     def change(name, data):
         if name and name.endswith("extra/fxpress.json"):
             doc = json.loads(data)
             doc["format_version"] = version
+            if wrote is not None:
+                doc["fxpress_version"] = wrote
             return json.dumps(doc)
         return data
 
@@ -137,7 +150,11 @@ def test_other_format_versions_are_clear_errors(saved, tmp_path, version, words)
     with pytest.raises(FormatVersionError) as info:
         fxpress.load(bad)
     text = str(info.value)
-    assert f"format version {version}" in text and f"version {FORMAT_VERSION}" in text and words in text
+    by = wrote or fxpress.__version__
+    assert (f"is in fxpress model format version {version} (written by fxpress {by}); "
+            f"this fxpress ({fxpress.__version__}) reads format version {FORMAT_VERSION}. ") in text
+    message = text.split(str(bad), 1)[1]  # not the temporary path's words
+    assert words in message and not_words not in message.lower()
 
 
 _UNPICKLED = []

@@ -2,9 +2,12 @@
 
 A ``QuantConfig`` has a global ``OpQuant`` (activation and weight ``TensorSpec``s and a mode),
 optional overrides per op kind (``"conv"``, ``"linear"``, ``"matmul"``, ``"add"``, ...) and per node
-(by graph node name or module path, e.g. ``"layer1.0.conv1"``), and an ignore list (node names,
-module paths or op kinds) kept in float. ``resolve(node)`` answers, for one node, the ``OpQuant`` to
-apply or the reason it stays float; the quantization report quotes those reasons.
+(by graph node name or module path, e.g. ``"layer1.0.conv1"``; a module path covers everything
+inside the module, the most specific key wins), and an ignore list (node names, module paths or op
+kinds) kept in float. ``resolve(node)`` answers, for one node, the ``OpQuant`` to apply or the
+reason it stays float; the quantization report quotes those reasons. ``fxpress.prepare`` and
+``quantize`` raise ``ValueError`` for a ``nodes`` or ``ignore`` name that matches no node of the
+model (``check_names``), suggesting close matches.
 
 Presets (``QuantConfig.preset(name)``, or pass the name wherever a config is taken):
 
@@ -135,22 +138,16 @@ class QuantConfig:
 
     def __post_init__(self):
         self.default = _as_op_quant(self.default, "default")
-        for key in self.op_types:
-            if key not in OP_KINDS:
-                close = difflib.get_close_matches(key, OP_KINDS, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"unknown op kind {key!r} in op_types.{hint} Known kinds: {', '.join(OP_KINDS)}.")
+        _check_kinds(self.op_types, "op_types")
         self.op_types = {k: _as_op_quant(v, f"op_types[{k!r}]") for k, v in self.op_types.items()}
         self.nodes = {k: _as_op_quant(v, f"nodes[{k!r}]") for k, v in self.nodes.items()}
         if self.op_kinds is None:
             self.op_kinds = _DEFAULT_KINDS[self.default.mode]
-        for kind in self.op_kinds:
-            if kind not in OP_KINDS:
-                raise ValueError(f"unknown op kind {kind!r} in op_kinds; known kinds: {', '.join(OP_KINDS)}")
+        _check_kinds(self.op_kinds, "op_kinds")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "QuantConfig":
-        return cls(default=_as_op_quant(name, "preset"), **overrides)
+        return cls(default=_as_op_quant(name, None), **overrides)
 
     @classmethod
     def coerce(cls, config: "QuantConfig | str | dict | None") -> "QuantConfig":
@@ -173,8 +170,8 @@ class QuantConfig:
         for key in self.ignore:
             if key in (node.name, kind) or (path is not None and (path == key or path.startswith(key + "."))):
                 return None, f"ignored by config ({key!r})"
-        for key in (node.name, path):
-            if key is not None and key in self.nodes:
+        for key in (node.name, *_enclosing(path)):
+            if key in self.nodes:
                 spec = self.nodes[key]
                 return (spec, "") if spec is not None else (None, f"kept float by config (nodes[{key!r}])")
         if kind in self.op_types:
@@ -186,20 +183,59 @@ class QuantConfig:
             return None, f"{kind} is not quantized in {self.default.mode} mode"
         return self.default, ""
 
+    def check_names(self, gm: fx.GraphModule) -> None:
+        """Raise ValueError naming the ``ignore`` entries and ``nodes`` keys that match no node of
+        ``gm`` (with close matches), as ``fxpress.prune``'s ``ignore`` does."""
+        from ...ir.channels import resolve_ignore
+
+        how = "Name a module path (e.g. 'layer4.1.conv2' or 'fc', covering the layers inside it) or a graph node name"
+        kinds = [k for k in self.nodes if k in OP_KINDS]
+        checks = [
+            ([k for k in self.ignore if k not in OP_KINDS], "QuantConfig.ignore entries", f"{how}, or an op kind ({', '.join(OP_KINDS)})."),
+            (list(self.nodes), "QuantConfig.nodes keys", how + (f" (op kinds such as {kinds[0]!r} go in op_types)." if kinds else ".")),
+        ]
+        errors = []
+        for names, what, hint in checks:
+            try:
+                resolve_ignore(gm, names, what=what, how=hint)
+            except ValueError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise ValueError("\n".join(errors))
+
     def with_default(self, **changes: Any) -> "QuantConfig":
         return replace(self, default=replace(self.default, **changes))
 
 
-def _as_op_quant(value: Any, where: str) -> OpQuant | None:
+def _as_op_quant(value: Any, where: str | None) -> OpQuant | None:
+    """``value`` as an ``OpQuant``; where: the config field it was given for (None: the preset itself)."""
     if value is None or isinstance(value, OpQuant):
         return value
     if isinstance(value, str):
         if value not in PRESETS:
             close = difflib.get_close_matches(value, PRESETS, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown quantization preset {value!r} for {where}.{hint} Presets: {', '.join(PRESETS)}.")
+            hint = f"; did you mean {close[0]!r}?" if close else "."
+            field_ = f" in QuantConfig.{where}" if where else ""
+            raise ValueError(f"unknown quantization preset {value!r}{field_}{hint} Presets: {', '.join(PRESETS)}.")
         return PRESETS[value]
-    raise TypeError(f"{where} must be an OpQuant, a preset name or None, not {type(value).__name__}")
+    raise TypeError(f"{where or 'preset'} must be an OpQuant, a preset name or None, not {type(value).__name__}")
+
+
+def _check_kinds(keys: Any, where: str) -> None:
+    for key in keys:
+        if key not in OP_KINDS:
+            close = difflib.get_close_matches(str(key), OP_KINDS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "."
+            raise ValueError(f"unknown op kind {key!r} in QuantConfig.{where}{hint} Known kinds: {', '.join(OP_KINDS)}.")
+
+
+def _enclosing(path: str | None) -> list[str]:
+    """A module path and the paths of the modules around it, innermost first: a.b.c, a.b, a."""
+    out = []
+    while path:
+        out.append(path)
+        path = path.rpartition(".")[0]
+    return out
 
 
 def _module_path(node: fx.Node) -> str | None:

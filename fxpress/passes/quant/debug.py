@@ -290,6 +290,9 @@ class _Session:
         self.float_passes = self.base.meta["fxpress"].get("float_passes")
         self.layers = [n for n in self.base.graph.nodes if n.op == "call_function" and n.meta.get("fxpress_quant") in MODES]
         self.float_gm = float_graph(self.base)
+        # the trials prepare the folded float graph: drop the names only the unfolded graph had (a
+        # folded batch norm's path), which the checked config kept but that match nothing now
+        self.cfg = _names_in(self.cfg, self.float_gm)
         arity = len(self.inputs)
         evaluation = eval_data if eval_data is not None else self.calibration
         self.eval = _calibration_batches(evaluation, arity, None)
@@ -335,6 +338,24 @@ class _Session:
             _, score = self.trial(only)
             rows.append(NodeSQNR(node.name, score))
         return sorted(rows, key=lambda r: r.sqnr_db)
+
+
+def _names_in(cfg: QuantConfig, gm: fx.GraphModule) -> QuantConfig:
+    """``cfg`` without the ``nodes`` / ``ignore`` names that match no node of ``gm`` (no-ops on it)."""
+    from ...ir.channels import resolve_ignore  # noqa: PLC0415
+
+    def found(name: str) -> bool:
+        try:
+            resolve_ignore(gm, [name])
+        except ValueError:
+            return False
+        return True
+
+    nodes = {k: v for k, v in cfg.nodes.items() if found(k)}
+    ignore = [k for k in cfg.ignore if k in OP_KINDS or found(k)]
+    if len(nodes) == len(cfg.nodes) and len(ignore) == len(cfg.ignore):
+        return cfg
+    return dataclasses.replace(cfg, nodes=nodes, ignore=ignore)
 
 
 def sensitivity(

@@ -135,15 +135,69 @@ def test_model_in_train_mode_is_a_clear_error():
 @pytest.mark.parametrize(
     "config, match",
     [
-        ("int8_statc", r"unknown quantization preset 'int8_statc'.*Did you mean 'int8_static'\?"),
-        ("int4_weightonly", r"Did you mean 'int4_weight_only'\?"),
-        ({"op_types": {"lienar": None}}, r"unknown op kind 'lienar'.*Did you mean 'linear'\?"),
+        ("int8_statc", r"^unknown quantization preset 'int8_statc'; did you mean 'int8_static'\? Presets: int8_static, int8_dynamic, "),
+        ("int4_weightonly", r"did you mean 'int4_weight_only'\?"),
+        ("fp8", r"^unknown quantization preset 'fp8'\. Presets: int8_static, "),
+        ({"default": "int8_dynamc"}, r"^unknown quantization preset 'int8_dynamc' in QuantConfig.default; did you mean 'int8_dynamic'\?"),
+        ({"nodes": {"fc1": "int8_weightonly"}}, r"preset 'int8_weightonly' in QuantConfig.nodes\['fc1'\]; did you mean 'int8_weight_only'\?"),
+        ({"op_types": {"lienar": None}}, r"^unknown op kind 'lienar' in QuantConfig.op_types; did you mean 'linear'\? Known kinds: conv, "),
+        ({"op_kinds": ("linaer",)}, r"^unknown op kind 'linaer' in QuantConfig.op_kinds; did you mean 'linear'\?"),
     ],
+    ids=["preset", "preset-2", "preset-no-match", "default", "nodes-value", "op_types", "op_kinds"],
 )
 def test_unknown_names_suggest_the_closest(config, match):
     model, args = mlp()
     with pytest.raises(ValueError, match=match):
         fxpress.quantize(model, args, config=config, calibration=[args[0]], progress=False)
+    if isinstance(config, str):
+        with pytest.raises(ValueError, match=match):
+            QuantConfig.preset(config)
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (QuantConfig(nodes={"layer9.conv": None}), r"^QuantConfig.nodes keys not found in the model: 'layer9.conv'\. Name a module path"),
+        (QuantConfig(nodes={"fc9": "int8_dynamic"}), r"^QuantConfig.nodes keys not found in the model: 'fc9' \(did you mean 'fc\d', 'fc\d', 'fc\d'\?\)"),
+        (QuantConfig(nodes={"linear_9": None}), r"'linear_9' \(did you mean 'linear(_\d)?', 'linear(_\d)?', 'linear(_\d)?'\?\)"),  # node names
+        (QuantConfig(ignore=["fc9", "fc2", "matmul"]), r"^QuantConfig.ignore entries not found in the model: 'fc9' \(did you mean .*'fc2'.*, or an op kind \(conv, "),
+        (QuantConfig(ignore=["fc9", "fx2"]), r"'fc9' \(did you mean .*\); 'fx2' \(did you mean .*'fc2'"),  # every miss named
+        (QuantConfig(nodes={"conv": None}), r"'conv'\. .* \(op kinds such as 'conv' go in op_types\)\.$"),
+        (QuantConfig(nodes={"fc7": None}, ignore=["fc8"]), r"(?s)^QuantConfig.ignore entries .*'fc8'.*\nQuantConfig.nodes keys .*'fc7'"),  # both at once
+    ],
+    ids=["nodes-path", "nodes-close", "nodes-node-name", "ignore", "ignore-two", "nodes-op-kind", "both"],
+)
+def test_names_that_match_no_node_are_clear_errors(config, match):
+    """As fxpress.prune's ignore: a nodes / ignore name matching nothing is a ValueError, not a silent no-op."""
+    model, args = mlp()
+    with pytest.raises(ValueError, match=match) as info:
+        fxpress.quantize(model, args, config=config, calibration=[args[0]], progress=False)
+    assert "module path" in str(info.value) and "graph node name" in str(info.value)
+    with pytest.raises(ValueError, match=match):
+        fxpress.prepare(model, args, config)
+    with pytest.raises(ValueError, match=match):  # also before the calibration data is asked for
+        fxpress.prepare(fxpress.capture(model, args), args, config)
+
+
+def test_names_that_match_are_accepted():
+    """Module paths (and the modules around layers), node names, op kinds in ignore, and the path of a
+    batch norm that folds away all count as matches."""
+    model, args = conv_bn_relu_cnn()
+    cfg = QuantConfig(nodes={"conv2d_1": None, "bn2": None, "fc": "int8_weight_only"}, ignore=["conv3", "add"])
+    q = fxpress.quantize(model, args, config=cfg, calibration=[args[0]], progress=False)
+    report = fxpress.quant_report(q)
+    assert report.quantized("conv") == 1 and report.per_kind["linear"]["weight-only int8"] == 1
+
+
+def test_a_module_path_in_nodes_covers_the_layers_inside_it():
+    """nodes={"block": ...} applies to every layer inside the module; the most specific key wins."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))).eval()
+    args = (torch.randn(2, 8),)
+    cfg = QuantConfig(nodes={"1": None, "1.2": "int8_weight_only"})
+    q = fxpress.quantize(model, args, config=cfg, calibration=[args[0]], progress=False)
+    report = fxpress.quant_report(q)
+    assert report.per_kind["linear"]["int8 static"] == 1 and report.per_kind["linear"]["weight-only int8"] == 1
+    assert any(why == "kept float by config (nodes['1'])" for _, _, why in report.float_ops), str(report)
 
 
 def test_convert_takes_only_prepared_graphs():

@@ -15,12 +15,14 @@ Activations use min/max observers so each quantization trial takes milliseconds.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from models import conv_bn_relu_cnn
 
 import fxpress
 from fxpress import OpQuant, QuantConfig, TensorSpec
@@ -147,3 +149,17 @@ def test_compare_nodes_rejects_bad_mode():
     qm = fxpress.quantize(model, x, calibration=calib, config=PER_TENSOR, progress=False)
     with pytest.raises(ValueError, match="mode"):
         compare_nodes(model, qm, x, mode="sideways")
+
+
+def test_auto_fallback_checks_names_and_keeps_those_of_folded_batch_norms():
+    """A nodes / ignore name that matches nothing is a ValueError; the path of a batch norm (a match
+    in the model, folded away before the trials) does not break the trials on the folded graph."""
+    model, x, calib = setup()
+    with pytest.raises(ValueError, match=r"QuantConfig.nodes keys not found in the model: 'fc9' \(did you mean"):
+        auto_fallback(model, x, calib, dataclasses.replace(PER_TENSOR, nodes={"fc9": None}), target_sqnr=30.0)
+    model, args = conv_bn_relu_cnn()
+    data = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    cfg = dataclasses.replace(PER_TENSOR, nodes={"bn1": None}, ignore=["bn2", "conv3"])
+    qm, report = auto_fallback(model, args, data, cfg, target_sqnr=500.0, max_fallback=1)
+    assert len(report.trials) == 2 and len(report.fallbacks) == 1
+    assert any(why == "ignored by config ('conv3')" for _, _, why in fxpress.quant_report(qm).float_ops)
