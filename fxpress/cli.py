@@ -5,8 +5,9 @@
   fxpress report OUT_DIR|model.pt2|report.json [--format text|markdown|html] [--open]
                                                       show the report of a compress run
   fxpress inspect MODEL|model.pt2 [--input-shape 1,3,224,224]
-                                                      op histogram, parameters and MACs; for a saved model also
-                                                      what is quantized / pruned / decomposed / sparse
+                                                      op histogram, parameters and MACs per sample (batch 1);
+                                                      for a saved model also what is quantized / pruned /
+                                                      decomposed / sparse
   fxpress recipes                                     the shipped recipes
   fxpress demo [--out DIR] [--epochs N] [--compile]   train the embedded digits CNN, compress, export, report
   fxpress passes                                      the registered passes
@@ -59,23 +60,51 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     calls = [n for n in gm.graph.nodes if n.op == "call_function"]
     histogram = Counter(op_name(n) for n in calls)
     costs = node_costs(gm)
+    batch, dynamic = _graph_batch(gm)
     macs_by_op: Counter = Counter()
     for c in costs:
         macs_by_op[c.op] += c.macs
+    per_sample = lambda n: n // batch if n % batch == 0 else round(n / batch)  # noqa: E731 - counts are linear in the batch
+    macs, flops = sum(c.macs for c in costs), sum(c.flops for c in costs)
     shapes = ", ".join(str(tuple(x.shape)) for x in inputs if hasattr(x, "shape"))
     print(f"model      {label}, inputs {shapes}")
     print(f"graph      {len(gm.graph.nodes)} nodes, {len(calls)} calls, {len(histogram)} op kinds")
     print(f"params     {count_params(gm):,}")
-    print(f"MACs       {sum(c.macs for c in costs):,}  (FLOPs {sum(c.flops for c in costs):,})")
+    # per sample (batch 1), like `fxpress compress`'s report at its default batch-1 example input: a saved
+    # model's example input has batch 2 (torch.export specializes a dynamic dim sampled at 1)
+    at = f"batch {batch}{' (dynamic)' if dynamic else ''}"
+    scaled = f"; at {at}: {macs:,} MACs" if batch != 1 else f"; at {at}"
+    print(f"MACs       {per_sample(macs):,} per sample  (FLOPs {per_sample(flops):,}{scaled})")
     print()
     width = max((len(k) for k in histogram), default=2)
-    print(f"{'op'.ljust(width)}  {'count':>5}  {'MACs':>15}")
+    print(f"{'op'.ljust(width)}  {'count':>5}  {'MACs/sample':>15}")
     for op, count in histogram.most_common():
-        print(f"{op.ljust(width)}  {count:>5}  {macs_by_op.get(op, 0):>15,}")
+        print(f"{op.ljust(width)}  {count:>5}  {per_sample(macs_by_op.get(op, 0)):>15,}")
     if saved:
         print()
         print(_compression_summary(gm))
     return 0
+
+
+def _graph_batch(gm) -> tuple[int, bool]:
+    """The batch size ``fxpress.ir.cost`` counts a graph's MACs at, and whether that batch is dynamic.
+
+    The batch is dim 0 of the graph's tensor inputs at the size the cost model evaluates it at (a
+    symbolic dim at its hint: for a loaded .pt2, the batch-2 sample it was saved with). A dynamic dim 0
+    is the batch; with static shapes, dim 0 of the first input of 2 or more dims. 1 when there is none.
+    """
+    import torch
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+    vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
+    vals = [v for v in vals if isinstance(v, torch.Tensor) and v.dim() >= 1]
+    for v in vals:
+        if isinstance(v.shape[0], torch.SymInt):
+            return max(int(optimization_hint(v.shape[0], fallback=1)), 1), True
+    for v in vals:
+        if v.dim() >= 2:
+            return max(int(v.shape[0]), 1), False
+    return 1, False
 
 
 def _compression_summary(gm) -> str:
@@ -266,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     compress.add_argument("--dry-run", action="store_true", help="print the plan (stages, channel groups, quantizable ops) and change nothing")
     compress.add_argument("--no-onnx", action="store_true", help="do not export ONNX")
-    compress.add_argument("--no-html", action="store_true", help="no HTML report (it needs matplotlib)")
+    compress.add_argument("--no-html", action="store_true", help="no HTML report")
     compress.add_argument("--quiet", action="store_true", help="no progress bars")
     compress.set_defaults(func=_cmd_compress)
 
@@ -281,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     recipes = sub.add_parser("recipes", help="list the shipped recipes")
     recipes.set_defaults(func=_cmd_recipes)
 
-    inspect = sub.add_parser("inspect", help="op histogram, parameters and MACs of a model or a saved .pt2")
+    inspect = sub.add_parser("inspect", help="op histogram, parameters and MACs (per sample) of a model or a saved .pt2")
     inspect.add_argument("model", help="torchvision name (resnet18), 'digits', package.module:factory, or a model.pt2 from fxpress")
     inspect.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224")
     inspect.set_defaults(func=_cmd_inspect)

@@ -22,7 +22,8 @@ How a Dynamo subgraph is handled (once per subgraph; graph breaks give several):
 Passes need an inference graph: where autograd must flow (grad mode on and parameters requiring
 grad) the subgraph goes to the target unchanged, with one warning saying so, as inductor does with
 freezing. A subgraph that cannot be lowered falls back the same way with one warning naming the
-cause; ``options={"fallback": "raise"}`` turns that into an error for debugging.
+cause; ``options={"fallback": "raise"}`` turns that into an error for debugging. Either way
+``compile_reports()`` gets a ``FallbackReport`` for the subgraph: no passes, and why it fell back.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from ..ir.capture import capture
 from ..ir.graph import set_attr_value
 from ..passes import PassManager, PipelineReport
 
-__all__ = ["fxpress_backend", "BackendOptions", "compile_reports", "register", "DEFAULT_PASSES", "TARGETS"]
+__all__ = ["fxpress_backend", "BackendOptions", "FallbackReport", "compile_reports", "register", "DEFAULT_PASSES", "TARGETS"]
 
 log = logging.getLogger("fxpress")
 
@@ -56,8 +57,40 @@ _warned: set[str] = set()
 
 
 def compile_reports() -> list[PipelineReport]:
-    """Pipeline reports of the subgraphs the backend compiled most recently (oldest first)."""
+    """Pipeline reports of the subgraphs the backend compiled most recently (oldest first).
+
+    A subgraph that ran without passes (autograd needed, or lowering failed) has a ``FallbackReport``:
+    ``report.fell_back`` is True for those (False for the others) and ``report.reason`` says why.
+    """
     return list(_reports)
+
+
+@dataclass
+class FallbackReport(PipelineReport):
+    """The report of a subgraph the backend ran unchanged: no passes ran. ``reason`` says why
+    (``"grad"``: autograd must flow through it; ``"lowering"``: it could not be lowered, see
+    ``error``), ``target`` where it ran instead."""
+
+    reason: str = ""
+    target: str = ""
+    error: str = ""
+    fell_back = True  # class attribute: a PipelineReport of a compiled subgraph has none (see compile_reports)
+
+    def __str__(self) -> str:
+        why = {
+            "grad": "the graph needs gradients (grad mode on, parameters require grad); call it under "
+            "torch.no_grad() or torch.inference_mode() for passes",
+            "lowering": f"it could not be lowered ({self.error})",
+        }.get(self.reason, self.reason)
+        return f"fxpress fell back: no passes ran on this subgraph, it runs unchanged on {self.target}: {why}"
+
+
+def _fall_back(reason: str, gm: fx.GraphModule, example_inputs: list, opts: "BackendOptions", error: str = "") -> Callable:
+    target = "eager" if opts.target == "onnxruntime" else opts.target
+    report = FallbackReport(reason=reason, target=target, error=error)
+    _reports.append(report)
+    log.info("%s", report)
+    return _unchanged(gm, example_inputs, opts)
 
 
 @dataclass(frozen=True)
@@ -128,7 +161,7 @@ def fxpress_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict |
             f"without fxpress passes on {opts.target}. For inference, call the compiled model under "
             "torch.no_grad() or torch.inference_mode().",
         )
-        return _unchanged(gm, example_inputs, opts)
+        return _fall_back("grad", gm, example_inputs, opts)
 
     try:
         # a fresh tracing context: our exports must not add guards to the shape env Dynamo is building
@@ -147,7 +180,8 @@ def fxpress_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict |
             f"on {'eager' if opts.target == 'onnxruntime' else opts.target} instead. "
             'Pass options={"fallback": "raise"} to see the full error.',
         )
-        return _unchanged(gm, example_inputs, opts)
+        return _fall_back("lowering", gm, example_inputs, opts, error=f"{type(exc).__name__}: {_short(exc)}")
+    report.fell_back = False  # type: ignore[attr-defined] - compile_reports() entries all say whether they fell back
     _reports.append(report)
     log.info("fxpress compiled a subgraph for %s:\n%s", opts.target, report)
     keep = lowered.input_indices
@@ -195,6 +229,7 @@ def _build_target(aten_gm: fx.GraphModule, inputs: tuple, opts: BackendOptions) 
             log.info("fxpress: %s", layout.report)
             aten_gm = layout.gm
             patches["freezing"] = True
+        aten_gm = _plain_graph_module(aten_gm)
         # compile for the shapes the capture kept dynamic: its placeholders' fake values, not the sample
         fakes = [n.meta.get("val") for n in aten_gm.graph.find_nodes(op="placeholder")]
         fake_mode = detect_fake_mode(fakes) if all(isinstance(f, torch.Tensor) for f in fakes) else None
@@ -213,6 +248,22 @@ def _build_target(aten_gm: fx.GraphModule, inputs: tuple, opts: BackendOptions) 
         return out if isinstance(out, tuple) else (out,)
 
     return run_onnxruntime
+
+
+def _plain_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A plain ``fx.GraphModule`` over ``gm``'s graph and the tensors it reads, for inductor.
+
+    A graph from ``torch.export`` (``ExportedProgram.module()``, as ``capture`` and ``load`` give) is a
+    ``_StatefulGraphModule`` carrying forward hooks (``_create_stateful_graph_module``'s lambdas that
+    register nn.Module inputs, and the input check), ``range_constraints``, a ``shape_env`` and fxpress's
+    ``meta``. AOTAutograd / inductor pickle the module they are given into their cache key: a local
+    lambda fails that ("Failed to pickle cache key ... Can't pickle local object
+    '_create_stateful_graph_module.<locals>.<lambda>'") and bypasses the cache, and per-process state
+    makes keys differ between runs. Inductor needs none of it: only the graph and its constants.
+    """
+    plain = fx.GraphModule(gm, gm.graph)  # copies the get_attr/call_module targets only; no hooks, no extra state
+    torch.nn.Module.train(plain, gm.training)
+    return plain
 
 
 def _has_qdq(gm: fx.GraphModule) -> bool:

@@ -1,5 +1,6 @@
 """torch.compile(backend="fxpress"): structure (passes ran), numerics (matches eager), targets."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -82,6 +83,11 @@ def test_grad_mode_skips_passes_with_one_warning():
         out = compiled(x)
     messages = [str(w.message) for w in caught if "fxpress" in str(w.message)]
     assert len(messages) == 1 and "torch.no_grad()" in messages[0]
+    # compile_reports() records the fallback too (the README's compile_reports()[-1] must not raise)
+    report = fxpress.compile_reports()[-1]
+    assert isinstance(report, compile_backend.FallbackReport) and report.fell_back
+    assert report.reason == "grad" and report.target == "eager" and list(report) == []
+    assert "fell back" in str(report) and "torch.no_grad()" in str(report)
     out.sum().backward()  # gradients still flow to the real parameters
     assert model.conv.weight.grad is not None
     torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
@@ -102,10 +108,66 @@ def test_unlowerable_subgraph_falls_back_with_one_warning(monkeypatch):
     messages = [str(w.message) for w in caught if "could not be lowered" in str(w.message)]
     assert len(messages) == 1 and "cannot lower this on purpose" in messages[0]
     torch.testing.assert_close(out, model(x))
+    report = fxpress.compile_reports()[-1]
+    assert isinstance(report, compile_backend.FallbackReport) and report.reason == "lowering"
+    assert "RuntimeError: cannot lower this on purpose" in report.error and "could not be lowered" in str(report)
 
     strict = _fresh(model, target="eager", fallback="raise")
     with pytest.raises(Exception, match="cannot lower this on purpose"), torch.no_grad():
         strict(x)
+
+
+def test_compiled_subgraph_reports_say_they_did_not_fall_back():
+    compiled = _fresh(ConvBNWithBreak().eval(), target="eager")
+    before = len(fxpress.compile_reports())
+    with torch.no_grad():
+        compiled(torch.randn(2, 3, 8, 8))
+    reports = fxpress.compile_reports()[before:]
+    assert reports and all(r.fell_back is False and not isinstance(r, compile_backend.FallbackReport) for r in reports)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage() + "\n" + (logging.Formatter().formatException(record.exc_info) if record.exc_info else ""))
+
+
+@pytest.fixture
+def inductor_log():
+    """What torch._inductor logs (its loggers do not propagate to caplog's root handler)."""
+    handler = _Records()
+    logger = logging.getLogger("torch._inductor")
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+
+
+def test_inductor_target_graph_pickles_for_the_cache_key(inductor_log):
+    from torch._dynamo.utils import counters
+
+    # a graph straight from ExportedProgram.module() carries _create_stateful_graph_module's lambda hooks,
+    # which AOTAutograd's cache key cannot pickle; the backend hands inductor a plain GraphModule instead
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    stateful = torch.export.export(model, (x,)).module(check_guards=False)
+    assert any("<lambda>" in getattr(h, "__qualname__", "") for h in stateful._forward_pre_hooks.values())
+    counters.clear()
+    runner = compile_backend._build_target(stateful, (x,), BackendOptions.parse({}))
+    with torch.no_grad():
+        out = runner(x)
+    torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, model(x), atol=1e-4, rtol=1e-4)
+    assert "autograd_cache_bypass" not in counters["aot_autograd"], dict(counters["aot_autograd"])
+
+    # and through torch.compile(backend="fxpress"), the default inductor target
+    compiled = _fresh(ConvBNWithBreak().eval())
+    with torch.no_grad():
+        compiled(torch.randn(2, 3, 8, 8))
+    assert "autograd_cache_bypass" not in counters["aot_autograd"], dict(counters["aot_autograd"])
+    bad = [m for m in inductor_log.messages if "Failed to pickle" in m or "Can't pickle" in m]
+    assert not bad, bad[0]
 
 
 def test_lowering_freezes_weights_and_keeps_dynamic_dims():
