@@ -31,27 +31,34 @@ from fxpress.train import distributed as dist_utils
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "distill_ddp.py"
 
 
-def _example():
-    spec = importlib.util.spec_from_file_location("distill_ddp_example", EXAMPLE)
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available in this build")
-def test_two_processes_equal_one_process(tmp_path):
+def _two_processes_and_one(script: Path, args: list[str], tmp_path: Path, single_run) -> tuple[dict, dict]:
+    """Run ``script`` under torchrun with 2 processes while ``single_run()`` runs here; return
+    (single_run's result, the torchrun run's ``result.pt``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(EXAMPLE), "--check", str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), *args]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        single = _example().equivalence_run()  # meanwhile, the same workload in this one process
+        single = single_run()  # meanwhile, the same workload in this one process
         out, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, out[-4000:]
-    multi = torch.load(tmp_path / "result.pt", weights_only=False)
+    return single, torch.load(tmp_path / "result.pt", weights_only=False)
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available in this build")
+def test_two_processes_equal_one_process(tmp_path):
+    example = _load(EXAMPLE, "distill_ddp_example")
+    single, multi = _two_processes_and_one(EXAMPLE, ["--check", str(tmp_path)], tmp_path, example.equivalence_run)
     assert (single["world"], multi["world"]) == (1, 2)
 
     # reconstruction: normal equations summed over ranks == the whole batches' system
@@ -89,13 +96,6 @@ def test_single_process_helpers_are_no_ops():
 WORKLOAD = Path(__file__).resolve().parent / "sync_bn_workload.py"
 
 
-def _workload():
-    spec = importlib.util.spec_from_file_location("sync_bn_workload", WORKLOAD)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available in this build")
 def test_two_processes_with_training_batch_norms_equal_one_process(tmp_path):
     """Synchronized batch norm: 2 ranks on half batches == 1 process on the whole batches.
@@ -106,19 +106,8 @@ def test_two_processes_with_training_batch_norms_equal_one_process(tmp_path):
     2 epochs x 3 steps of SGD. Measured: weights and running statistics within 2.4e-7 of one process
     synchronized, 2.1e-3 apart with ``sync_bn=False`` (each rank normalizing its own half).
     """
-    workload = _workload()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKLOAD), str(tmp_path)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        single = workload.distill_run(sync_bn=True)  # meanwhile, one process on the whole batches
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, out[-4000:]
-    multi = torch.load(tmp_path / "result.pt", weights_only=False)
+    workload = _load(WORKLOAD, "sync_bn_workload")
+    single, multi = _two_processes_and_one(WORKLOAD, [str(tmp_path)], tmp_path, lambda: workload.distill_run(sync_bn=True))
     assert (single["world"], multi["synced"]["world"]) == (1, 2)
 
     # the function itself, and eager batch norms through F.batch_norm, against torch's batch norm
