@@ -57,27 +57,27 @@ def test_inspect_reports_macs_per_sample_at_any_batch_and_for_a_saved_model(tmp_
 
     import fxpress
 
-    (tmp_path / "mymodels.py").write_text(
+    (tmp_path / "inspect_macs_models.py").write_text(
         "import torch\n"
         "def small():\n"
         "    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 10))\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     macs = 36 * 8 * 27 + 288 * 10
-    assert main(["inspect", "mymodels:small", "--input-shape", "1,3,8,8"]) == 0
+    assert main(["inspect", "inspect_macs_models:small", "--input-shape", "1,3,8,8"]) == 0
     text = capsys.readouterr().out
     assert _macs(text) == macs and "at batch 1 (dynamic)" in text
-    assert main(["inspect", "mymodels:small", "--input-shape", "4,3,8,8"]) == 0
+    assert main(["inspect", "inspect_macs_models:small", "--input-shape", "4,3,8,8"]) == 0
     text = capsys.readouterr().out
     assert _macs(text) == macs and f"at batch 4 (dynamic): {4 * macs:,} MACs" in text
     assert re.search(r"aten\.linear\s+1\s+" + f"{288 * 10:,}", text)  # the op table is per sample too
 
     # a saved model's example input has batch 2 (torch.export specializes a dynamic dim sampled at 1):
     # inspect still reports per sample, the same as for the model it was saved from
-    import mymodels
+    import inspect_macs_models
 
     path = tmp_path / "model.pt2"
-    fxpress.save(fxpress.capture(mymodels.small().eval(), (torch.randn(1, 3, 8, 8),)), path)
+    fxpress.save(fxpress.capture(inspect_macs_models.small().eval(), (torch.randn(1, 3, 8, 8),)), path)
     assert main(["inspect", str(path)]) == 0
     text = capsys.readouterr().out
     assert "inputs (2, 3, 8, 8)" in text
