@@ -40,7 +40,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .ir import capture
-    from .ir.cost import count_params, node_costs
+    from .ir.cost import count_params, graph_batch, node_costs
     from .ir.graph import op_name
     from .zoo import load_model
 
@@ -60,7 +60,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     calls = [n for n in gm.graph.nodes if n.op == "call_function"]
     histogram = Counter(op_name(n) for n in calls)
     costs = node_costs(gm)
-    batch, dynamic = _graph_batch(gm)
+    batch, dynamic = graph_batch(gm)
     macs_by_op: Counter = Counter()
     for c in costs:
         macs_by_op[c.op] += c.macs
@@ -84,27 +84,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print()
         print(_compression_summary(gm))
     return 0
-
-
-def _graph_batch(gm) -> tuple[int, bool]:
-    """The batch size ``fxpress.ir.cost`` counts a graph's MACs at, and whether that batch is dynamic.
-
-    The batch is dim 0 of the graph's tensor inputs at the size the cost model evaluates it at (a
-    symbolic dim at its hint: for a loaded .pt2, the batch-2 sample it was saved with). A dynamic dim 0
-    is the batch; with static shapes, dim 0 of the first input of 2 or more dims. 1 when there is none.
-    """
-    import torch
-    from torch.fx.experimental.symbolic_shapes import optimization_hint
-
-    vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
-    vals = [v for v in vals if isinstance(v, torch.Tensor) and v.dim() >= 1]
-    for v in vals:
-        if isinstance(v.shape[0], torch.SymInt):
-            return max(int(optimization_hint(v.shape[0], fallback=1)), 1), True
-    for v in vals:
-        if v.dim() >= 2:
-            return max(int(v.shape[0]), 1), False
-    return 1, False
 
 
 def _compression_summary(gm) -> str:

@@ -51,7 +51,7 @@ class StageRecord:
     name: str
     kind: str
     params: int | None = None
-    macs: int | None = None
+    macs: int | None = None  # per sample (ir.cost.macs_per_sample)
     size_bytes: int | None = None
     latency_ms: float | None = None
     ort_latency_ms: float | None = None
@@ -556,12 +556,12 @@ class Meter:
         return statistics.median(times) * 1000
 
     def measure(self, model: Any, record: StageRecord) -> StageRecord:
-        from .ir.cost import count_params, param_bytes, total_macs
+        from .ir.cost import count_params, macs_per_sample, param_bytes
         from .passes.quant.debug import sqnr
 
         record.params = count_params(model)
         record.size_bytes = param_bytes(model, buffers=True)
-        record.macs = total_macs(model) if _is_graph(model) else None
+        record.macs = macs_per_sample(model) if _is_graph(model) else None  # per sample, as `fxpress inspect`
         if self.latency:
             record.latency_ms = self.latency_ms(model)
         if self.evaluate is not None:

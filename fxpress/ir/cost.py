@@ -39,7 +39,7 @@ from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from .graph import get_attr_value, op_name
 
-__all__ = ["NodeCost", "count_params", "param_bytes", "node_costs", "total_macs", "total_flops"]
+__all__ = ["NodeCost", "count_params", "param_bytes", "node_costs", "total_macs", "total_flops", "graph_batch", "macs_per_sample"]
 
 aten = torch.ops.aten
 
@@ -302,3 +302,31 @@ def total_macs(gm: fx.GraphModule, costs: Iterable[NodeCost] | None = None) -> i
 def total_flops(gm: fx.GraphModule, costs: Iterable[NodeCost] | None = None) -> int:
     """Sum of FLOPs over the graph: 2 × MACs of the contraction ops plus the other ops' estimates."""
     return sum(c.flops for c in (costs if costs is not None else node_costs(gm)))
+
+
+def graph_batch(gm: fx.GraphModule) -> tuple[int, bool]:
+    """The batch size ``fxpress.ir.cost`` counts a graph's MACs at, and whether that batch is dynamic.
+
+    The batch is dim 0 of the graph's tensor inputs at the size the cost model evaluates it at (a
+    symbolic dim at its hint: for a loaded .pt2, the batch-2 sample it was saved with). A dynamic dim 0
+    is the batch; with static shapes, dim 0 of the first input of 2 or more dims. 1 when there is none.
+    """
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+    vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
+    vals = [v for v in vals if isinstance(v, torch.Tensor) and v.dim() >= 1]
+    for v in vals:
+        if isinstance(v.shape[0], torch.SymInt):
+            return max(int(optimization_hint(v.shape[0], fallback=1)), 1), True
+    for v in vals:
+        if v.dim() >= 2:
+            return max(int(v.shape[0]), 1), False
+    return 1, False
+
+
+def macs_per_sample(gm: fx.GraphModule) -> int:
+    """``total_macs`` divided by the batch it was counted at (``graph_batch``): counts are linear in
+    the batch, so this is the same for a graph captured at batch 1 and one saved with a batch-2 sample."""
+    batch, _ = graph_batch(gm)
+    macs = total_macs(gm)
+    return macs // batch if macs % batch == 0 else round(macs / batch)

@@ -200,3 +200,14 @@ def test_cost_errors_are_clear():
     del lin.meta["val"]
     with pytest.raises(ValueError, match="meta"):
         node_costs(gm)
+
+
+def test_macs_per_sample_do_not_depend_on_the_capture_batch():
+    from fxpress.ir.cost import graph_batch, macs_per_sample
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 10)).eval()
+    one = fxpress.capture(model, (torch.randn(1, 3, 8, 8),))
+    four = fxpress.capture(model, (torch.randn(4, 3, 8, 8),))
+    per_sample = 36 * 8 * 27 + 288 * 10
+    assert graph_batch(four) == (4, True) and total_macs(four) == 4 * per_sample
+    assert macs_per_sample(one) == macs_per_sample(four) == per_sample
