@@ -40,7 +40,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .ir import capture
-    from .ir.cost import count_params, graph_batch, node_costs
+    from .ir.cost import count_params, graph_batch, node_costs, per_sample
     from .ir.graph import op_name
     from .zoo import load_model
 
@@ -64,22 +64,21 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     macs_by_op: Counter = Counter()
     for c in costs:
         macs_by_op[c.op] += c.macs
-    per_sample = lambda n: n // batch if n % batch == 0 else round(n / batch)  # noqa: E731 - counts are linear in the batch
     macs, flops = sum(c.macs for c in costs), sum(c.flops for c in costs)
     shapes = ", ".join(str(tuple(x.shape)) for x in inputs if hasattr(x, "shape"))
     print(f"model      {label}, inputs {shapes}")
     print(f"graph      {len(gm.graph.nodes)} nodes, {len(calls)} calls, {len(histogram)} op kinds")
     print(f"params     {count_params(gm):,}")
-    # per sample (batch 1), like `fxpress compress`'s report at its default batch-1 example input: a saved
-    # model's example input has batch 2 (torch.export specializes a dynamic dim sampled at 1)
+    # per sample, as `fxpress compress`'s report counts them: a saved model's example input has batch 2
+    # (torch.export specializes a dynamic dim sampled at 1)
     at = f"batch {batch}{' (dynamic)' if dynamic else ''}"
     scaled = f"; at {at}: {macs:,} MACs" if batch != 1 else f"; at {at}"
-    print(f"MACs       {per_sample(macs):,} per sample  (FLOPs {per_sample(flops):,}{scaled})")
+    print(f"MACs       {per_sample(macs, batch):,} per sample  (FLOPs {per_sample(flops, batch):,}{scaled})")
     print()
     width = max((len(k) for k in histogram), default=2)
     print(f"{'op'.ljust(width)}  {'count':>5}  {'MACs/sample':>15}")
     for op, count in histogram.most_common():
-        print(f"{op.ljust(width)}  {count:>5}  {per_sample(macs_by_op.get(op, 0)):>15,}")
+        print(f"{op.ljust(width)}  {count:>5}  {per_sample(macs_by_op.get(op, 0), batch):>15,}")
     if saved:
         print()
         print(_compression_summary(gm))

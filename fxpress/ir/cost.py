@@ -39,7 +39,7 @@ from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from .graph import get_attr_value, op_name
 
-__all__ = ["NodeCost", "count_params", "param_bytes", "node_costs", "total_macs", "total_flops", "graph_batch", "macs_per_sample"]
+__all__ = ["NodeCost", "count_params", "param_bytes", "node_costs", "total_macs", "total_flops", "graph_batch", "per_sample", "macs_per_sample"]
 
 aten = torch.ops.aten
 
@@ -311,8 +311,6 @@ def graph_batch(gm: fx.GraphModule) -> tuple[int, bool]:
     symbolic dim at its hint: for a loaded .pt2, the batch-2 sample it was saved with). A dynamic dim 0
     is the batch; with static shapes, dim 0 of the first input of 2 or more dims. 1 when there is none.
     """
-    from torch.fx.experimental.symbolic_shapes import optimization_hint
-
     vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
     vals = [v for v in vals if isinstance(v, torch.Tensor) and v.dim() >= 1]
     for v in vals:
@@ -324,9 +322,12 @@ def graph_batch(gm: fx.GraphModule) -> tuple[int, bool]:
     return 1, False
 
 
+def per_sample(count: int, batch: int) -> int:
+    """A MAC or FLOP count taken at ``batch`` samples, per sample (the counts are linear in the batch)."""
+    return count // batch if count % batch == 0 else round(count / batch)
+
+
 def macs_per_sample(gm: fx.GraphModule) -> int:
-    """``total_macs`` divided by the batch it was counted at (``graph_batch``): counts are linear in
-    the batch, so this is the same for a graph captured at batch 1 and one saved with a batch-2 sample."""
-    batch, _ = graph_batch(gm)
-    macs = total_macs(gm)
-    return macs // batch if macs % batch == 0 else round(macs / batch)
+    """``total_macs`` divided by the batch it was counted at (``graph_batch``): the same for a graph
+    captured at batch 1 and one saved with a batch-2 sample."""
+    return per_sample(total_macs(gm), graph_batch(gm)[0])

@@ -193,6 +193,17 @@ def _torch_hook_ids(gm: torch.nn.Module) -> tuple[list, list] | None:
     return pre, post
 
 
+def _remove_hooks(gm: torch.nn.Module, pre: list, post: list) -> None:
+    """Remove the forward pre-hooks and forward hooks with these handle ids."""
+    for key in pre:
+        gm._forward_pre_hooks.pop(key, None)
+        gm._forward_pre_hooks_with_kwargs.pop(key, None)
+    for key in post:
+        gm._forward_hooks.pop(key, None)
+        gm._forward_hooks_with_kwargs.pop(key, None)
+        gm._forward_hooks_always_called.pop(key, None)
+
+
 def install_input_check(gm: fx.GraphModule) -> InputCheck | None:
     """Replace torch.export's input-check hooks on ``gm`` by an ``InputCheck`` (see the module docstring).
 
@@ -207,14 +218,7 @@ def install_input_check(gm: fx.GraphModule) -> InputCheck | None:
     ids = _torch_hook_ids(gm)
     if ids is None:
         return None
-    pre, post = ids
-    for key in pre:
-        gm._forward_pre_hooks.pop(key, None)
-        gm._forward_pre_hooks_with_kwargs.pop(key, None)
-    for key in post:
-        gm._forward_hooks.pop(key, None)
-        gm._forward_hooks_with_kwargs.pop(key, None)
-        gm._forward_hooks_always_called.pop(key, None)
+    _remove_hooks(gm, *ids)
     gm.__dict__.setdefault("validate_inputs", True)
     gm.__dict__.setdefault("range_constraints", {})  # torch's check (the fallback) reads them there
     check = InputCheck(gm.__dict__["range_constraints"])
@@ -225,16 +229,9 @@ def install_input_check(gm: fx.GraphModule) -> InputCheck | None:
 
 def remove_input_check(gm: fx.GraphModule) -> fx.GraphModule:
     """Take every input check off ``gm`` (fxpress's and torch.export's): no per-call cost, no clear errors."""
-    ids = _torch_hook_ids(gm)
-    for key, hook in list(gm._forward_pre_hooks.items()):
-        if isinstance(hook, InputCheck) or (ids is not None and key in ids[0]):
-            gm._forward_pre_hooks.pop(key)
-            gm._forward_pre_hooks_with_kwargs.pop(key, None)
-    if ids is not None:
-        for key in ids[1]:
-            gm._forward_hooks.pop(key, None)
-            gm._forward_hooks_with_kwargs.pop(key, None)
-            gm._forward_hooks_always_called.pop(key, None)
+    pre, post = _torch_hook_ids(gm) or ([], [])
+    ours = [key for key, hook in gm._forward_pre_hooks.items() if isinstance(hook, InputCheck)]
+    _remove_hooks(gm, pre + ours, post)
     gm._deepcopy_hooks[:] = [h for h in gm._deepcopy_hooks if getattr(h, "__func__", None) is not InputCheck._on_deepcopy]
     return gm
 

@@ -120,10 +120,11 @@ def init_from_env(backend: str | None = None) -> bool:
     return True
 
 
-def _device() -> torch.device:
+def _device(group=None) -> torch.device:
+    """Where the backend of ``group`` (default: the world) communicates: the current GPU for NCCL, else the CPU."""
     import torch.distributed as dist
 
-    if "nccl" in str(dist.get_backend()).lower() and torch.cuda.is_available():
+    if "nccl" in str(dist.get_backend(group)).lower() and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -186,7 +187,7 @@ def sync_batch_norm_stats(model: torch.nn.Module, group=None) -> int:
         ]
     if not tensors:
         return 0
-    device = _device()
+    device = _device(group)
     flat = torch.cat([t.detach().reshape(-1).to(device, torch.float64) for t in tensors])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     flat /= dist.get_world_size(group)
@@ -204,14 +205,6 @@ def sync_batch_norm_stats(model: torch.nn.Module, group=None) -> int:
 
 def _acc_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-
-
-def _comm_device(group) -> torch.device:
-    import torch.distributed as dist
-
-    if "nccl" in str(dist.get_backend(group)).lower() and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -242,7 +235,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             mean = m2 = xc.new_zeros(c)
         local = torch.cat([torch.full((1,), float(n), dtype=acc, device=x.device), mean.to(acc), m2.to(acc)])
         world = dist.get_world_size(group)
-        buf = local.to(_comm_device(group))
+        buf = local.to(_device(group))
         parts = [torch.empty_like(buf) for _ in range(world)]
         dist.all_gather(parts, buf, group=group)
         stats = torch.stack(parts).to(x.device)
@@ -285,7 +278,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:  # the same on every rank (the same model), so every rank joins
             both = torch.cat([sum_dy, sum_dy_xhat]).to(_acc_dtype(x.device))
-            buf = both.to(_comm_device(ctx.group))
+            buf = both.to(_device(ctx.group))
             dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=ctx.group)
             g_dy, g_dy_xhat = (buf.to(x.device) / ctx.total).to(xc.dtype).split(c)
             scale = invstd * weight.to(xc.dtype) if weight is not None else invstd
@@ -432,7 +425,7 @@ def all_reduce_sum_(tensor: torch.Tensor, group=None) -> torch.Tensor:
         return tensor
     import torch.distributed as dist
 
-    buf = tensor.detach().to(_device())
+    buf = tensor.detach().to(_device(group))
     dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
     tensor.copy_(buf.to(tensor.device))
     return tensor
